@@ -1,0 +1,202 @@
+"""Entry point: `polyft COMMAND [overrides]`.
+
+Composes conf/ with Hydra and validates every point of the run (every sweep point
+under -m) before Hydra creates a directory, so a user mistake prints one line, exits 2
+and writes nothing. Heavy libraries are imported inside the commands, not here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import re
+import sys
+from pathlib import Path
+
+from polyft.config import COMMANDS, RootConfig, register_configs, to_container, validate
+from polyft.errors import PolyftError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+HANDLERS = {
+    "train": "polyft.train",
+    "merge": "polyft.merge.command",
+    "eval": "polyft.eval.command",
+    "run": "polyft.run",
+    "report": "polyft.report",
+}
+USAGE = """usage: polyft COMMAND [+exp=NAME] [group=option ...] [key=value ...] [-m]
+
+commands:
+  train    supervised fine-tuning: full, LoRA, QLoRA 4/8-bit, on multilingual mixtures
+  merge    merge models: linear, task_arithmetic, ties, ties_sv, dare, slerp, layer_swap
+  eval     per-language evaluation through lm-evaluation-harness
+  run      an experiment's stages end to end (train, merge, eval, report), cached
+  report   paper-style tables and plots from the runs on disk
+
+`polyft COMMAND --help` lists the config groups and options of a command."""
+# Hydra flags that take no value / one value; they are not overrides.
+_FLAGS0 = {"-m", "--multirun", "--resolve", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+_FLAGS1 = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
+           "--experimental-rerun", "--run"}
+PREFLIGHT_POINTS = 256
+
+
+def fail(message: str) -> None:
+    print(f"polyft: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def split_args(args: list[str]) -> tuple[list[str], bool]:
+    """The overrides among `args`, and whether -m was given."""
+    overrides, multirun, skip = [], False, False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("-m", "--multirun"):
+            multirun = True
+        elif a in _FLAGS0:
+            pass
+        elif a in _FLAGS1:
+            skip = True
+        elif not a.startswith("-"):
+            overrides.append(a)
+    return overrides, multirun
+
+
+def sweep_points(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Expand `a=1,2 b=x,y` into its points (capped), as Hydra's basic sweeper would."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    axes = []
+    for o in parsed:
+        if multirun and o.is_sweep_override():
+            key = o.get_key_element()
+            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    return [list(p) for p in itertools.islice(itertools.product(*axes), PREFLIGHT_POINTS)]
+
+
+def _schema_keys(dotted: str) -> list[str] | None:
+    """Allowed keys under a config path such as 'adapter', from the dataclass schemas."""
+    import dataclasses
+
+    node = RootConfig
+    for part in [p for p in dotted.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory()
+                                                              if fields[part].default_factory
+                                                              is not dataclasses.MISSING else None):
+            return None
+        node = type(fields[part].default_factory())
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def explain(exc: BaseException) -> str:
+    """Turn a Hydra/OmegaConf composition error into one line naming the key."""
+    text = str(exc)
+    while exc.__cause__ is not None and len(text) < 5:
+        exc = exc.__cause__
+        text = str(exc)
+    m = re.search(r"Could not find '([^']+)/([^']+)'.*?Available options in '[^']+':(.*?)(Config search path|$)",
+                  text, re.S)
+    if m:
+        group, option, avail = m.group(1), m.group(2), m.group(3).split()
+        return f"{group}={option}: no such option; available: {', '.join(avail) or '(none)'}"
+    m = re.search(r"Could not find '([^']+)'", text)
+    if m:
+        return f"{m.group(1)}: no such config group or option"
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' not in", text)
+    if m:
+        key = m.group(1)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _schema_keys(parent)
+        hint = f"; allowed keys under {parent or 'the root'}: {', '.join(allowed)}" if allowed else ""
+        return f"{key}: unknown key{hint}"
+    m = re.search(r"Value '([^']*)' (?:of type '[^']+' )?(?:could not be converted to|is not a valid value for) (\w+)",
+                  text)
+    k = re.search(r"full_key: (\S+)", text)
+    if m and k:
+        return f"{k.group(1)}={m.group(1)}: expected {m.group(2).lower()}"
+    first = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return first[:400]
+
+
+def compose(command: str, overrides: list[str]):
+    """The config of one run, as Hydra composes it (hydra.* overrides are Hydra's own)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=[f"command={command}", *overrides])
+
+
+def preflight(command: str, args: list[str]) -> None:
+    """Compose and validate every run point; raise PolyftError on the first bad one."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides, multirun = split_args(args)
+    try:
+        points = sweep_points(overrides, multirun)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise PolyftError(explain(exc)) from None
+    handler = importlib.import_module(HANDLERS[command])
+    for point in points:
+        point = [o for o in point if not o.lstrip("+~").startswith("hydra")]
+        try:
+            cfg = compose(command, point)
+        except (HydraException, OmegaConfBaseException, ValueError) as exc:
+            raise PolyftError(explain(exc)) from None
+        validate(cfg)
+        check = getattr(handler, "check", None)
+        if check is not None:
+            check(cfg)
+
+
+def run_command(cfg) -> None:
+    """Hydra's task function: one run directory, one run.json, one command."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from polyft.runs import RunRecord
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    handler = importlib.import_module(HANDLERS[cfg.command])
+    record = RunRecord(run_dir, cfg.command, to_container(cfg), seed=cfg.seed)
+    try:
+        validate(cfg)
+        handler.command(cfg, record)
+    except PolyftError as exc:
+        record.finish("failed", str(exc))
+        fail(str(exc))
+    except BaseException as exc:
+        record.finish("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    record.finish("ok")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        fail(f"unknown command '{command}'; use one of: {', '.join(COMMANDS)}")
+    wants_help = any(a in ("--help", "-h", "--hydra-help") for a in rest)
+    if not wants_help:
+        try:
+            preflight(command, rest)
+        except PolyftError as exc:
+            fail(str(exc))
+    import hydra
+
+    register_configs()
+    sys.argv = [f"polyft-{command}", f"command={command}", *rest]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run_command)()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

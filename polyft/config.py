@@ -1,0 +1,305 @@
+"""Typed schemas for every config group, and the one cross-field `validate()`.
+
+The dataclasses are registered in Hydra's ConfigStore as the root schema, so unknown keys
+and wrong types fail at compose time. `validate()` holds the rules a type cannot say; it
+runs before any heavy import or any write. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from polyft.errors import ConfigError
+
+COMMANDS = ("train", "merge", "eval", "run", "report")
+
+
+@dataclass
+class TinyModelConfig:
+    arch: str = "llama"
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: Optional[str] = None  # hub id or local directory; null for a tiny model
+    tiny: Optional[TinyModelConfig] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    num_layers: Optional[int] = None  # known depth of a hub preset, for validating swaps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+
+
+@dataclass
+class AdapterConfig:
+    type: str = "lora"  # full | lora | flix
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rslora: bool = False
+    dora: bool = False
+    init_from: Optional[str] = None  # continue training an existing adapter
+
+
+@dataclass
+class QuantConfig:
+    name: str = "none"
+    bits: Optional[int] = None  # null (no quantisation), 4 or 8
+    quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+
+
+@dataclass
+class SourceConfig:
+    type: str = "synthetic"  # synthetic | jsonl | parquet | csv | hub
+    path: Optional[str] = None  # file for jsonl/parquet/csv, dataset id for hub
+    generator: Optional[str] = None  # synthetic: arithmetic | instructions
+    langs: List[str] = field(default_factory=list)  # synthetic: languages to generate
+    n: int = 0  # synthetic: examples per language
+    hub_config: Optional[str] = None
+    split: str = "train"
+    weight: float = 1.0
+    max_rows: Optional[int] = None
+    features: Dict[str, str] = field(default_factory=dict)  # fixed features, e.g. {task: math}
+    lang_field: Optional[str] = "lang"  # row column holding the language, if any
+    prompt_field: str = "prompt"
+    input_field: Optional[str] = None  # appended to the prompt when present (Alpaca layout)
+    response_field: str = "response"
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    temperature: float = 1.0  # language sampling p_l ~ n_l^(1/T)
+    languages: Optional[List[str]] = None  # keep only these languages
+    num_examples: Optional[int] = None  # size of the sampled mixture; null: all rows once
+    max_length: int = 256
+    packing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    name: str = MISSING
+    max_steps: int = -1
+    epochs: float = 1.0
+    lr: float = 3e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: str = "adamw_torch"
+    max_grad_norm: float = 1.0
+    save_steps: int = 50
+    logging_steps: int = 5
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    num_processes: int = 1
+    distributed: str = "ddp"  # ddp | fsdp | deepspeed
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | tensorboard | none
+    project: str = "polyft"
+    mode: str = "offline"
+
+
+@dataclass
+class MergeConfig:
+    method: str = "linear"
+    name: Optional[str] = None  # product name; default: the method
+    models: List[Any] = field(default_factory=list)
+    base: Optional[str] = None
+    weights: Optional[List[Any]] = None
+    normalize: bool = True
+    scale: Any = 1.0
+    density: Any = 1.0
+    slack: float = 0.1
+    seed: int = 0
+    t: Any = 0.5
+    middle: Optional[str] = None
+    outer: Optional[str] = None
+    bottom: int = 0
+    top: int = 0
+    transition_bottom: int = 0
+    transition_top: int = 0
+    blend: List[float] = field(default_factory=lambda: [0.5, 0.5])
+    non_layer: str = "average"  # outer | middle | average
+    dtype: Optional[str] = None  # default: the inputs'
+    shard_size: str = "2GB"
+    config_source: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    vocab: str = "strict"  # strict | first
+
+
+@dataclass
+class EvalTaskConfig:
+    name: str = MISSING
+    lang: Optional[str] = None
+    num_fewshot: Optional[int] = None
+    limit: Optional[int] = None
+    dataset: Optional[str] = None  # hub id the task reads, for local copies and messages
+
+
+@dataclass
+class EvalConfig:
+    suite: str = "demo"
+    tasks: List[EvalTaskConfig] = field(default_factory=list)
+    model: Optional[str] = "base"
+    models: Optional[List[str]] = None
+    data_dir: Optional[str] = None
+    include_path: Optional[str] = None
+    backend: str = "hf"  # hf | vllm
+    batch_size: Any = 8
+    limit: Optional[int] = None
+    num_fewshot: Optional[int] = None
+    log_samples: bool = False
+    device: Optional[str] = None
+    gen_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RootConfig:
+    command: str = "train"
+    seed: int = 0
+    output_root: str = "outputs"
+    output_dir: Optional[str] = None
+    offline: Optional[bool] = None  # null: offline when HF_HUB_OFFLINE=1 or the hub is unreachable
+    allow_pickle: bool = False
+    merge_back: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    experts: Dict[str, Any] = field(default_factory=dict)
+    expert: Optional[str] = None
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="polyft_schema", node=RootConfig)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value} is not allowed; use one of: {', '.join(map(str, allowed))}")
+
+
+def _check_adapter(a) -> None:
+    _choice("adapter.type", a.type, ("full", "lora", "flix"))
+    if a.type != "full":
+        if a.r <= 0:
+            raise ConfigError(f"adapter.r={a.r} is not allowed; the LoRA rank must be a positive integer")
+        if a.alpha <= 0:
+            raise ConfigError(f"adapter.alpha={a.alpha} is not allowed; it must be > 0")
+        if not 0 <= a.dropout < 1:
+            raise ConfigError(f"adapter.dropout={a.dropout} is not allowed; it must be in [0, 1)")
+        if not a.target_modules:
+            raise ConfigError("adapter.target_modules is empty; name module names or all-linear")
+
+
+def _check_quant(q) -> None:
+    _choice("quant.bits", q.bits, (None, 4, 8))
+    _choice("quant.quant_type", q.quant_type, ("nf4", "fp4"))
+
+
+def _check_data(d) -> None:
+    if d.temperature <= 0:
+        raise ConfigError(f"data.temperature={d.temperature} is not allowed; it must be > 0")
+    if d.max_length <= 8:
+        raise ConfigError(f"data.max_length={d.max_length} is not allowed; it must be > 8")
+    if not d.sources:
+        raise ConfigError(f"data={d.name} has no sources; add at least one under data.sources")
+    for name, s in d.sources.items():
+        key = f"data.sources.{name}"
+        _choice(f"{key}.type", s.type, ("synthetic", "jsonl", "parquet", "csv", "hub"))
+        if s.weight <= 0:
+            raise ConfigError(f"{key}.weight={s.weight} is not allowed; mixture weights must be > 0")
+        if s.max_rows is not None and s.max_rows <= 0:
+            raise ConfigError(f"{key}.max_rows={s.max_rows} is not allowed; it must be > 0")
+        if s.type == "synthetic":
+            from polyft.data.synthetic import GENERATORS, LANGS
+
+            _choice(f"{key}.generator", s.generator, GENERATORS)
+            for lang in s.langs:
+                _choice(f"{key}.langs", lang, LANGS)
+            if s.n <= 0:
+                raise ConfigError(f"{key}.n={s.n} is not allowed; synthetic sources need n > 0")
+        elif not s.path:
+            raise ConfigError(f"{key}.path is missing; a {s.type} source needs a path or dataset id")
+
+
+def _check_train(t) -> None:
+    if t.num_processes < 1:
+        raise ConfigError(f"train.num_processes={t.num_processes} is not allowed; it must be >= 1")
+    _choice("train.distributed", t.distributed, ("ddp", "fsdp", "deepspeed"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr} is not allowed; it must be > 0")
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
+        raise ConfigError("train.max_steps must be > 0 (or -1 with train.epochs > 0)")
+    if t.save_steps < 1:
+        raise ConfigError(f"train.save_steps={t.save_steps} is not allowed; it must be >= 1")
+
+
+def _check_merge(m) -> None:
+    """Rules for the merge group; filled in by the merge command."""
+
+
+def _check_eval(e) -> None:
+    """Rules for the eval group; filled in by the eval command."""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field rules for the groups the command uses. Raises ConfigError (one line)."""
+    _choice("command", cfg.command, COMMANDS)
+    _choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
+    if cfg.command in ("train", "run"):
+        _check_adapter(cfg.adapter)
+        _check_quant(cfg.quant)
+        _check_data(cfg.data)
+        _check_train(cfg.train)
+    if cfg.command in ("merge", "run"):
+        _check_merge(cfg.merge)
+    if cfg.command in ("eval", "run"):
+        _check_eval(cfg.eval)
+
+
+def to_container(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def model_layer_count(model_cfg, resolved_path: str | None = None) -> int | None:
+    """Number of transformer layers, from the tiny spec, a local config.json or the preset."""
+    if model_cfg.tiny is not None:
+        return model_cfg.tiny.num_layers
+    path = Path(resolved_path or model_cfg.path or "") / "config.json"
+    if path.is_file():
+        conf = json.loads(path.read_text())
+        return conf.get("num_hidden_layers") or conf.get("text_config", {}).get("num_hidden_layers")
+    return model_cfg.num_layers

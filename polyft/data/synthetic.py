@@ -1,0 +1,114 @@
+"""Deterministic multilingual toy data: MGSM-like arithmetic and generic instructions.
+
+Every number word and template below is written for this project. Problems use digits
+and answers are digits, as in MGSM; instructions ask for number words, so a model has to
+know the language to answer them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+LANGS = ("en", "de", "es", "fr", "sw", "ja")
+
+NUMBER_WORDS: dict[str, list[str]] = {
+    "en": "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen twenty".split(),
+    "de": "null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf dreizehn "
+    "vierzehn fünfzehn sechzehn siebzehn achtzehn neunzehn zwanzig".split(),
+    "es": "cero uno dos tres cuatro cinco seis siete ocho nueve diez once doce trece "
+    "catorce quince dieciséis diecisiete dieciocho diecinueve veinte".split(),
+    "fr": "zéro un deux trois quatre cinq six sept huit neuf dix onze douze treize "
+    "quatorze quinze seize dix-sept dix-huit dix-neuf vingt".split(),
+    "sw": ["sifuri", "moja", "mbili", "tatu", "nne", "tano", "sita", "saba", "nane", "tisa",
+           "kumi"] + [f"kumi na {w}" for w in
+                      "moja mbili tatu nne tano sita saba nane tisa".split()] + ["ishirini"],
+    "ja": "零 一 二 三 四 五 六 七 八 九 十 十一 十二 十三 十四 十五 十六 十七 十八 十九 二十".split(),
+}
+
+_NAMES = {
+    "en": ["Tom", "Anna", "Sam"], "de": ["Lena", "Max", "Jonas"], "es": ["Ana", "Luis", "Sofía"],
+    "fr": ["Marie", "Luc", "Paul"], "sw": ["Juma", "Amina", "Baraka"], "ja": ["太郎", "花子", "健"],
+}
+_ITEMS = {
+    "en": ["apples", "books", "pens"], "de": ["Äpfel", "Bücher", "Stifte"],
+    "es": ["manzanas", "flores", "galletas"], "fr": ["pommes", "livres", "stylos"],
+    "sw": ["machungwa", "vitabu", "kalamu"], "ja": ["りんご", "本", "ペン"],
+}
+# (addition template, subtraction template) per language.
+_MATH = {
+    "en": ("{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
+           "{name} has {a} {item} and gives away {b}. How many {item} are left?"),
+    "de": ("{name} hat {a} {item}. {name} bekommt {b} dazu. Wie viele {item} hat {name} jetzt?",
+           "{name} hat {a} {item} und gibt {b} weg. Wie viele {item} bleiben übrig?"),
+    "es": ("{name} tiene {a} {item}. {name} recibe {b} más. ¿Cuántas {item} tiene {name} ahora?",
+           "{name} tiene {a} {item} y regala {b}. ¿Cuántas {item} quedan?"),
+    "fr": ("{name} a {a} {item}. {name} en reçoit {b} de plus. Combien de {item} a {name} maintenant ?",
+           "{name} a {a} {item} et en donne {b}. Combien de {item} reste-t-il ?"),
+    "sw": ("{name} ana {item} {a}. {name} anapata {b} zaidi. {name} ana {item} ngapi sasa?",
+           "{name} ana {item} {a} na anatoa {b}. Zimebaki {item} ngapi?"),
+    "ja": ("{name}は{item}を{a}個持っています。さらに{b}個もらいました。{item}は全部で何個ですか？",
+           "{name}は{item}を{a}個持っています。{b}個あげました。{item}は何個残っていますか？"),
+}
+# (number -> words, successor) instruction templates per language.
+_INSTR = {
+    "en": ("Write the number {n} in words.", "Which number comes after {w}?"),
+    "de": ("Schreibe die Zahl {n} in Worten.", "Welche Zahl kommt nach {w}?"),
+    "es": ("Escribe el número {n} con letras.", "¿Qué número viene después de {w}?"),
+    "fr": ("Écris le nombre {n} en lettres.", "Quel nombre vient après {w} ?"),
+    "sw": ("Andika namba {n} kwa maneno.", "Namba gani inafuata {w}?"),
+    "ja": ("{n}を漢数字で書いてください。", "{w}の次の数は何ですか？"),
+}
+
+GENERATORS = ("arithmetic", "instructions")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    lang: str
+    task: str
+
+    def as_dict(self) -> dict:
+        return {"prompt": self.prompt, "response": self.response, "lang": self.lang, "task": self.task}
+
+
+def arithmetic(lang: str, rng: random.Random) -> Example:
+    name, item = rng.choice(_NAMES[lang]), rng.choice(_ITEMS[lang])
+    add, sub = _MATH[lang]
+    if rng.random() < 0.5:
+        a, b = rng.randint(1, 10), rng.randint(1, 10)
+        return Example(add.format(name=name, item=item, a=a, b=b), str(a + b), lang, "math")
+    a = rng.randint(2, 20)
+    b = rng.randint(1, a - 1)
+    return Example(sub.format(name=name, item=item, a=a, b=b), str(a - b), lang, "math")
+
+
+def instruction(lang: str, rng: random.Random) -> Example:
+    words = NUMBER_WORDS[lang]
+    to_words, successor = _INSTR[lang]
+    if rng.random() < 0.5:
+        n = rng.randint(0, 20)
+        return Example(to_words.format(n=n), words[n], lang, "instruct")
+    n = rng.randint(0, 19)
+    return Example(successor.format(w=words[n]), words[n + 1], lang, "instruct")
+
+
+def generate(generator: str, langs: list[str] | tuple[str, ...], n: int, seed: int) -> list[dict]:
+    """`n` examples per language, the same for the same (generator, langs, n, seed)."""
+    make = {"arithmetic": arithmetic, "instructions": instruction}[generator]
+    rows = []
+    for lang in langs:
+        rng = random.Random(f"{generator}:{lang}:{seed}")
+        rows.extend(make(lang, rng).as_dict() for _ in range(n))
+    return rows
+
+
+def corpus(seed: int = 0, per_lang: int = 200) -> list[str]:
+    """Plain text in every language, for training the tiny models' tokenizer."""
+    texts = [" ".join(words) for words in NUMBER_WORDS.values()]
+    for gen in GENERATORS:
+        texts.extend(f"{r['prompt']} {r['response']}" for r in generate(gen, LANGS, per_lang, seed))
+    return texts

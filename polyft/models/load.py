@@ -1,0 +1,160 @@
+"""Base model, quantisation and tokenizer loading.
+
+`resolve_model_path` and `check_model_dir` are light (no torch) so that the CLI can refuse
+bad input before anything is written; `load_base` does the heavy work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from polyft.errors import PolyftError
+
+HUB_HOST = "huggingface.co"
+_offline_cache: dict[str, bool] = {}
+
+
+def is_offline(setting: bool | None = None) -> bool:
+    """True when the hub must not be used: `offline=true`, HF_HUB_OFFLINE=1, or no route to it."""
+    if setting is not None:
+        return bool(setting)
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    if "probe" not in _offline_cache:
+        try:
+            socket.create_connection((HUB_HOST, 443), timeout=2).close()
+            _offline_cache["probe"] = False
+        except OSError:
+            _offline_cache["probe"] = True
+    return _offline_cache["probe"]
+
+
+def set_offline_env() -> None:
+    """Make every HF library fail fast instead of retrying a hub it cannot reach."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[var] = "1"
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    return (not Path(ref).exists() and ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+            and not ref.endswith((".json", ".jsonl", ".safetensors")))
+
+
+def hub_cached(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot of a hub model if the HF cache already holds it."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # any miss: not cached
+        return None
+
+
+def resolve_model_path(model_cfg, output_root: str, offline: bool | None = None,
+                       build: bool = True) -> str:
+    """A local directory or a hub id for `model_cfg`; tiny models are built on first use."""
+    if model_cfg.tiny is not None:
+        from polyft.models.tiny import TinySpec, ensure_tiny_model
+
+        spec = TinySpec(**{k: v for k, v in dict(model_cfg.tiny).items()})
+        if not build:
+            return str(Path(output_root) / "models" / f"{model_cfg.name}-{spec.digest()}")
+        return str(ensure_tiny_model(model_cfg.name, spec, output_root).resolve())
+    ref = model_cfg.path
+    if not ref:
+        raise PolyftError(f"model={model_cfg.name} has no model.path; give a hub id or a local directory")
+    ref = os.path.expanduser(ref)
+    if Path(ref).exists():
+        return str(Path(ref).resolve())
+    if looks_like_hub_id(ref):
+        if is_offline(offline) and hub_cached(ref, model_cfg.revision) is None:
+            raise PolyftError(
+                f"model.path={ref} is a hub id but polyft is offline; download it elsewhere and "
+                f"set model.path=/local/dir (or run with network and offline=false)")
+        return ref
+    raise PolyftError(f"model.path={ref}: no such directory; give a local model directory or a hub id")
+
+
+def weight_files(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, pickle .bin/.pt files) in a model directory."""
+    p = Path(path)
+    return sorted(p.glob("*.safetensors")), sorted(list(p.glob("*.bin")) + list(p.glob("*.pt")))
+
+
+def check_model_dir(path: str, key: str = "model.path", allow_pickle: bool = False) -> None:
+    """Refuse a local directory that is not a model, or holds pickle weights only."""
+    p = Path(path)
+    if not p.exists():  # a hub id, checked elsewhere
+        return
+    if not (p / "config.json").is_file():
+        raise PolyftError(f"{key}={path} is not a model directory (no config.json)")
+    safe, pickled = weight_files(p)
+    if not safe and pickled and not allow_pickle:
+        raise PolyftError(f"{key}={path} has only pickle weights ({pickled[0].name}); convert to "
+                          "safetensors or set allow_pickle=true if you trust the file")
+    if not safe and not pickled:
+        raise PolyftError(f"{key}={path} holds no weights (*.safetensors)")
+
+
+def safetensors_names(path: str | os.PathLike) -> list[str]:
+    """Tensor names of a local model, read from the safetensors headers (no torch)."""
+    names = []
+    for f in weight_files(path)[0]:
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        names.extend(k for k in header if k != "__metadata__")
+    return names
+
+
+def torch_dtype(name: str, on_gpu: bool):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def quantization_config(quant_cfg, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant_cfg.bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.quant_type,
+                                  bnb_4bit_use_double_quant=quant_cfg.double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if quant_cfg.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(path: str, model_cfg, quant_cfg=None, allow_pickle: bool = False, device_map=None):
+    """The base model, quantised when quant_cfg.bits is 4 or 8. fp32 on CPU, bf16 on GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    on_gpu = torch.cuda.is_available()
+    dtype = torch_dtype(model_cfg.dtype, on_gpu)
+    qconf = quantization_config(quant_cfg, dtype) if quant_cfg is not None else None
+    kwargs = dict(dtype=dtype, trust_remote_code=bool(model_cfg.trust_remote_code),
+                  use_safetensors=None if allow_pickle else True)
+    if model_cfg.revision:
+        kwargs["revision"] = model_cfg.revision
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+        kwargs["device_map"] = device_map or ({"": 0} if on_gpu else {"": "cpu"})
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -1,0 +1,2 @@
+def command(cfg, record):
+    raise NotImplementedError

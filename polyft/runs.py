@@ -1,0 +1,204 @@
+"""Run records (run.json) and the artifact store under <output_root>/artifacts.
+
+A product is written into a temporary directory next to its final place and renamed
+into place with its manifest once complete, under a per-artifact lock, so a killed job
+never leaves half an artifact and two jobs never build the same one at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from polyft.errors import PolyftError
+
+PACKAGES = ("polyft", "torch", "transformers", "tokenizers", "safetensors", "peft", "trl",
+            "datasets", "accelerate", "bitsandbytes", "hydra-core", "omegaconf", "lm-eval", "wandb")
+_SECRET = re.compile(r"(token|secret|password|passwd|api[_-]?key|auth)", re.IGNORECASE)
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """Stable hash of a JSON-able object (dict key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def redact(obj: Any) -> Any:
+    """Replace the value of every key that looks like a credential."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET.search(str(k)) and v not in (None, "") else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive lock held on `path` (blocking): waits for the other holder, never gives up."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_revision(path: str | os.PathLike | None = None) -> str | None:
+    cwd = str(path or Path(__file__).resolve().parent)
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not rev:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    f = Path(path) / "manifest.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+@dataclass
+class ArtifactStore:
+    """Products keyed by (kind, name, hash of the config part that determines them)."""
+
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+
+    def path_for(self, kind: str, name: str, key: dict) -> Path:
+        return self.root / kind / f"{name}-{config_hash(key)}"
+
+    def find(self, kind: str, name: str, key: dict) -> Path | None:
+        path = self.path_for(kind, name, key)
+        return path if read_manifest(path) else None
+
+    def work_dir(self, kind: str, name: str, key: dict) -> Path:
+        """A persistent scratch directory (checkpoints) that survives a killed job."""
+        path = self.root / kind / ".work" / f"{name}-{config_hash(key)}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def lock(self, kind: str, name: str, key: dict):
+        return file_lock(self.root / kind / ".locks" / f"{name}-{config_hash(key)}.lock")
+
+    @contextlib.contextmanager
+    def build(self, kind: str, name: str, key: dict, target: str | os.PathLike | None = None,
+              ) -> Iterator["Build"]:
+        """Yield a Build whose `.dir` is a fresh temporary directory; on success its
+        manifest is written and it is renamed to `target` (default: the store path).
+        The caller holds `lock()` around find() + build() when jobs may race."""
+        final = Path(target) if target else self.path_for(kind, name, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists() and any(final.iterdir()):
+            raise PolyftError(f"output_dir {final} already exists and is not empty; "
+                              "remove it or choose another path")
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        build = Build(dir=tmp, manifest={"kind": kind, "name": name, "hash": config_hash(key),
+                                         "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                         "versions": package_versions()})
+        try:
+            yield build
+            _write_json(tmp / "manifest.json", build.manifest)
+            if final.exists():
+                final.rmdir()  # empty, checked above
+            os.rename(tmp, final)
+            build.dir = final
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class Build:
+    dir: Path
+    manifest: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    """run.json in a run directory: what ran, with what, and what came out."""
+
+    run_dir: Path
+    command: str
+    config: dict
+    seed: int | None = None
+    status: str = "running"
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    artifacts: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._start = time.time()
+        self._meta = {"versions": package_versions(), "git_revision": git_revision(),
+                      "cwd_git_revision": git_revision(Path.cwd()), "host": platform.node(),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.save()
+
+    def add_artifact(self, role: str, path: str | os.PathLike, reused: bool, **info) -> None:
+        self.artifacts.append({"role": role, "path": str(Path(path).resolve()),
+                               "reused": reused, **info})
+        self.save()
+
+    def finish(self, status: str = "ok", error: str | None = None) -> None:
+        self.status, self.error = status, error
+        self.save()
+
+    def save(self) -> None:
+        record = {
+            "command": self.command, "status": self.status, "seed": self.seed,
+            "config": redact(self.config), "wall_time_s": round(time.time() - self._start, 3),
+            "metrics": self.metrics, "history": self.history, "artifacts": self.artifacts,
+            "error": self.error, **self._meta, **self.extra,
+        }
+        _write_json(self.run_dir / "run.json", record)
+
+
+def load_runs(root: str | os.PathLike) -> list[dict]:
+    """Every run.json below `root`, each with its directory under key `run_dir`."""
+    runs = []
+    for f in sorted(Path(root).rglob("run.json")):
+        rec = json.loads(f.read_text())
+        rec["run_dir"] = str(f.parent)
+        runs.append(rec)
+    return runs
