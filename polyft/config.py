@@ -263,6 +263,8 @@ def _check_train(t) -> None:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
         raise ConfigError("train.max_steps must be > 0 (or -1 with train.epochs > 0)")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} is not allowed; it must be in [0, 1)")
     if t.save_steps < 1:
         raise ConfigError(f"train.save_steps={t.save_steps} is not allowed; it must be >= 1")
 

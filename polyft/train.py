@@ -1,2 +1,307 @@
-def command(cfg, record):
-    raise NotImplementedError
+"""`polyft train`: supervised fine-tuning (full, LoRA, QLoRA 4/8-bit) through TRL.
+
+Reads top to bottom: resolve the base model, find or build the product in the artifact
+store (skip if it exists), load the tokenized mixture (cached), load the base (quantised
+if asked), wrap it with LoRA, train with TRL's SFTTrainer (resuming from the last
+checkpoint of an interrupted run), save the product atomically, optionally merge back.
+Several processes: the command re-launches itself under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from polyft.errors import ConfigError, PolyftError
+from polyft.models.load import (check_model_dir, is_offline, looks_like_hub_id, resolve_model_path,
+                                safetensors_names)
+from polyft.runs import ArtifactStore, config_hash, read_manifest
+
+# Module names of the tiny models (they are Llama/Mistral layouts), checked without torch.
+TINY_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LOG_ONLY = ("logging_steps", "name")
+
+
+@dataclass
+class Plan:
+    model_path: str
+    kind: str  # adapter | model
+    name: str
+    key: dict
+    store: ArtifactStore
+    target: Path | None
+
+
+def product_name(cfg) -> str:
+    if cfg.get("expert"):
+        return str(cfg.expert)
+    return f"{cfg.model.name}-{cfg.adapter.type}"
+
+
+def product_key(cfg, model_path: str) -> dict:
+    """The part of the config that determines the trained weights (not logging, not paths)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["resolved"] = model_path if cfg.model.tiny is None else None
+    key = {"model": model, "quant": OmegaConf.to_container(cfg.quant, resolve=True),
+           "data": OmegaConf.to_container(cfg.data, resolve=True),
+           "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
+                     if k not in _LOG_ONLY},
+           "seed": cfg.seed, "merge_back": cfg.merge_back}
+    key["adapter"] = OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.adapter.type != "full" \
+        else {"type": "full"}
+    return key
+
+
+def plan(cfg, build_model: bool = True) -> Plan:
+    path = resolve_model_path(cfg.model, cfg.output_root, cfg.offline, build=build_model)
+    kind = "model" if cfg.adapter.type == "full" else "adapter"
+    target = Path(cfg.output_dir).resolve() if cfg.output_dir else None
+    return Plan(path, kind, product_name(cfg), product_key(cfg, path),
+                ArtifactStore(Path(cfg.output_root) / "artifacts"), target)
+
+
+def existing_product(p: Plan) -> Path | None:
+    if p.target is not None:
+        m = read_manifest(p.target)
+        return p.target if m and m.get("hash") == config_hash(p.key) else None
+    return p.store.find(p.kind, p.name, p.key)
+
+
+# ---------------------------------------------------------------- checks (no torch)
+
+def _check_targets(cfg, model_path: str) -> None:
+    wanted = [m for m in cfg.adapter.target_modules if m != "all-linear"]
+    if cfg.adapter.type == "full" or not wanted:
+        return
+    if cfg.model.tiny is not None:
+        names = TINY_LINEAR
+    elif Path(model_path).is_dir():
+        names = {n.rsplit(".", 2)[-2] for n in safetensors_names(model_path) if n.endswith(".weight")}
+    else:
+        return  # a hub id: peft checks it when the model is loaded
+    missing = [m for m in wanted if m not in names]
+    if missing:
+        raise ConfigError(f"adapter.target_modules: {', '.join(missing)} not in the model; "
+                          f"its linear modules include: {', '.join(sorted(set(names) & set(TINY_LINEAR)) or sorted(names)[:12])}")
+
+
+def check(cfg) -> None:
+    """Everything that can be refused before a directory is made."""
+    if cfg.adapter.type == "full" and cfg.quant.bits:
+        raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
+                          "quantised base is not possible (use adapter=lora)")
+    if cfg.adapter.type == "flix":
+        raise ConfigError("adapter=flix is not available in this version; use adapter=lora or adapter=full")
+    p = plan(cfg, build_model=False)
+    if cfg.model.tiny is None:
+        check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
+    _check_targets(cfg, p.model_path)
+    if cfg.adapter.init_from and not Path(cfg.adapter.init_from).is_dir():
+        raise PolyftError(f"adapter.init_from={cfg.adapter.init_from}: no such adapter directory")
+    if p.target is not None and p.target.exists() and any(p.target.iterdir()) and existing_product(p) is None:
+        raise PolyftError(f"output_dir={p.target} exists and holds something else; remove it or "
+                          "choose another path")
+    from polyft.data.mixture import load_mixture
+
+    load_mixture(cfg.data, is_offline(cfg.offline))
+
+
+# ---------------------------------------------------------------- training
+
+def _report_to(cfg, run_dir: Path) -> list[str]:
+    if cfg.logger.name == "wandb":
+        os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+        os.environ["WANDB_DIR"] = str(run_dir)
+        os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return ["wandb"]
+    if cfg.logger.name == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+        return ["tensorboard"]
+    return []
+
+
+def _precision(cfg) -> tuple[bool, bool]:
+    import torch
+
+    want = cfg.train.precision
+    if want == "auto":
+        want = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return want == "bf16", want == "fp16"
+
+
+def sft_config(cfg, work_dir: Path, run_dir: Path, distributed: bool):
+    import torch
+    from trl import SFTConfig
+
+    bf16, fp16 = _precision(cfg)
+    t = cfg.train
+    extra = {}
+    if distributed and t.distributed == "fsdp":
+        extra["fsdp"] = "full_shard auto_wrap"
+    if distributed and t.distributed == "deepspeed":
+        extra["deepspeed"] = t.deepspeed_config
+    return SFTConfig(
+        output_dir=str(work_dir), max_steps=t.max_steps, num_train_epochs=t.epochs,
+        learning_rate=t.lr, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, optim=t.optimizer,
+        max_grad_norm=t.max_grad_norm, save_steps=t.save_steps, save_strategy="steps",
+        logging_steps=t.logging_steps,
+        gradient_checkpointing=t.gradient_checkpointing, bf16=bf16, fp16=fp16,
+        seed=cfg.seed, data_seed=cfg.seed, report_to=_report_to(cfg, run_dir),
+        max_length=cfg.data.max_length, packing=cfg.data.packing, completion_only_loss=True,
+        dataset_num_proc=None, use_cpu=not torch.cuda.is_available(),
+        ddp_backend=None if torch.cuda.is_available() else ("gloo" if distributed else None),
+        save_only_model=False, disable_tqdm=False, run_name=run_dir.name, **extra)
+
+
+def lora_config(adapter_cfg):
+    from peft import LoraConfig
+
+    targets = list(adapter_cfg.target_modules)
+    return LoraConfig(
+        r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_rslora=adapter_cfg.rslora, use_dora=adapter_cfg.dora, task_type="CAUSAL_LM")
+
+
+def build_model(cfg, model_path: str):
+    from polyft.models.load import load_base
+
+    model = load_base(model_path, cfg.model, cfg.quant, allow_pickle=cfg.allow_pickle)
+    if cfg.adapter.type == "full":
+        return model, None
+    if cfg.quant.bits:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    if cfg.adapter.init_from:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, cfg.adapter.init_from, is_trainable=True), None
+    return model, lora_config(cfg.adapter)
+
+
+def last_checkpoint(work_dir: Path) -> str | None:
+    ckpts = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [c for c in ckpts if (c / "trainer_state.json").exists()]
+    return str(complete[-1]) if complete else None
+
+
+def _fix_adapter_base(product_dir: Path, model_path: str) -> None:
+    """Name the real base (local path or hub id) so plain PeftModel.from_pretrained finds it."""
+    f = product_dir / "adapter_config.json"
+    if f.exists():
+        conf = json.loads(f.read_text())
+        conf["base_model_name_or_path"] = model_path
+        f.write_text(json.dumps(conf, indent=2))
+
+
+def merge_back(product_dir: Path, model_path: str, cfg) -> Path:
+    """A 16-bit merged model beside the adapter; a quantised base is reloaded unquantised."""
+    import torch
+    from peft import PeftModel
+
+    from polyft.models.load import load_base
+
+    base = load_base(model_path, cfg.model, None, allow_pickle=cfg.allow_pickle)
+    merged = PeftModel.from_pretrained(base.to(torch.bfloat16), str(product_dir)).merge_and_unload()
+    out = product_dir / "merged"
+    merged.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
+    """Train (resuming if a checkpoint exists) and write the product. Returns a summary."""
+    import torch
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from polyft.data.formatting import tokenized_dataset
+    from polyft.data.mixture import load_mixture
+    from polyft.models.load import load_tokenizer
+
+    set_seed(cfg.seed)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    tokenizer = load_tokenizer(p.model_path, cfg.model.trust_remote_code, cfg.model.revision)
+    rows = load_mixture(cfg.data, is_offline(cfg.offline))
+    dataset, data_key = tokenized_dataset(rows, tokenizer, cfg.output_root)
+    model, peft_config = build_model(cfg, p.model_path)
+    work_dir = p.store.work_dir(p.kind, p.name, p.key)
+    args = sft_config(cfg, work_dir, run_dir, distributed)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
+                         processing_class=tokenizer, peft_config=peft_config)
+    resume = last_checkpoint(work_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    summary = {"resumed_from": resume, "history": losses, "data_key": data_key,
+               "examples": len(dataset), "world_size": trainer.args.world_size,
+               "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if not trainer.is_world_process_zero():
+        return summary
+    with p.store.build(p.kind, p.name, p.key, target=p.target) as b:
+        trainer.model.save_pretrained(b.dir, safe_serialization=True)
+        tokenizer.save_pretrained(b.dir)
+        _fix_adapter_base(b.dir, p.model_path)
+        if cfg.merge_back and p.kind == "adapter":
+            summary["merged"] = str(merge_back(b.dir, p.model_path, cfg).relative_to(b.dir))
+        b.manifest.update(base_model=p.model_path, adapter=cfg.adapter.type, quant=cfg.quant.name,
+                          final_loss=losses[-1]["loss"] if losses else None, steps=trainer.state.global_step)
+    summary["artifact"] = str(b.dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return summary
+
+
+def relaunch(cfg, run_dir: Path) -> dict:
+    """Run this module under torchrun with N processes; rank 0 writes the summary."""
+    conf_file, result = run_dir / "train_config.yaml", run_dir / "train_result.json"
+    OmegaConf.save(cfg, conf_file, resolve=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={cfg.train.num_processes}", "-m", "polyft.train", str(conf_file), str(result)]
+    proc = subprocess.run(cmd, env={**os.environ, "POLYFT_WORKER": "1"})
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"distributed training failed (exit {proc.returncode}); see the log in {run_dir}")
+    return json.loads(result.read_text())
+
+
+def command(cfg, record) -> None:
+    p = plan(cfg)
+    record.extra["product"] = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key)}
+    with p.store.lock(p.kind, p.name, p.key):
+        found = existing_product(p)
+        if found is not None:
+            record.add_artifact(p.kind, found, reused=True)
+            print(f"polyft: {p.kind} {p.name} already trained: {found}")
+            return
+        if cfg.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+            summary = relaunch(cfg, record.run_dir)
+        else:
+            summary = train_and_save(cfg, p, record.run_dir)
+    record.history = summary.pop("history")
+    record.metrics.update(final_loss=record.history[-1]["loss"] if record.history else None,
+                          first_loss=record.history[0]["loss"] if record.history else None)
+    record.extra["train"] = summary
+    record.add_artifact(p.kind, summary["artifact"], reused=False)
+    print(f"polyft: {p.kind} {p.name} written to {summary['artifact']}")
+
+
+def _worker(conf_file: str, result_file: str) -> None:
+    from polyft.config import RootConfig
+
+    cfg = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(conf_file))
+    summary = train_and_save(cfg, plan(cfg), Path(result_file).parent)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(result_file).write_text(json.dumps(summary, default=str))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

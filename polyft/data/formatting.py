@@ -1,0 +1,73 @@
+"""Chat formatting and tokenisation, with loss on the response only.
+
+Each row becomes `input_ids` plus a `completion_mask` (1 on response tokens); TRL's SFT
+trainer turns the mask into labels, truncates and packs. The tokenized mixture is cached
+by content hash so every sweep point over the same data reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from polyft.runs import config_hash, file_lock
+
+# For base models that ship no chat template (e.g. Llama-2 base): plain turns.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% else %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+
+
+def encode(row: dict, tokenizer) -> dict:
+    user = [{"role": "user", "content": row["prompt"]}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["response"]}],
+                                         tokenize=False)
+    if not full.startswith(prompt):  # templates that rewrite earlier turns: mask by length only
+        prompt = full[: len(prompt)]
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if ids[: len(p_ids)] != p_ids:  # a merge across the boundary: encode the halves apart
+        ids = p_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    return {"input_ids": ids, "completion_mask": [0] * len(p_ids) + [1] * (len(ids) - len(p_ids)),
+            "lang": row["lang"], "task": row.get("task") or ""}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer")
+                       else repr(tokenizer.get_vocab()).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    return h.hexdigest()[:12]
+
+
+def tokenized_dataset(rows: list[dict], tokenizer, cache_root: str | os.PathLike):
+    """A datasets.Dataset of encoded rows, loaded from the cache when the content matches."""
+    import datasets
+
+    ensure_chat_template(tokenizer)
+    key = config_hash({"rows": config_hash(rows, 32), "tokenizer": tokenizer_fingerprint(tokenizer)})
+    target = Path(cache_root) / "cache" / "data" / key
+    if not (target / "dataset_info.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(target.with_suffix(".lock")):
+            if not (target / "dataset_info.json").exists():
+                ds = datasets.Dataset.from_list([encode(r, tokenizer) for r in rows])
+                tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=target.parent))
+                try:
+                    ds.save_to_disk(str(tmp))
+                    os.rename(tmp, target)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(target)), key

@@ -1,0 +1,69 @@
+"""Mix sources into one training set: caps, language filter, temperature sampling.
+
+Languages are sampled with p_l proportional to n_l^(1/T), where n_l is the weighted
+number of rows in language l (T=1: proportional to size; large T: towards uniform).
+Within a language, rows are drawn in proportion to their source's weight.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+from polyft.errors import PolyftError
+
+
+def language_probs(sizes: dict[str, float], temperature: float) -> dict[str, float]:
+    scaled = {lang: n ** (1.0 / temperature) for lang, n in sizes.items() if n > 0}
+    total = sum(scaled.values())
+    return {lang: v / total for lang, v in scaled.items()}
+
+
+def _draw(rows: list[dict], weights: list[float], k: int, rng: random.Random) -> list[dict]:
+    """k rows, each row at most once per pass, in proportion to weight (Efraimidis-Spirakis)."""
+    out = []
+    while len(out) < k:
+        keyed = sorted(range(len(rows)), key=lambda i: rng.random() ** (1.0 / weights[i]), reverse=True)
+        out.extend(rows[i] for i in keyed[: k - len(out)])
+    return out
+
+
+def build_mixture(sources: dict[str, list[dict]], weights: dict[str, float],
+                  caps: dict[str, int | None], languages: list[str] | None,
+                  temperature: float, num_examples: int | None, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    by_lang: dict[str, list[tuple[dict, float]]] = defaultdict(list)
+    present = set()
+    for name, rows in sources.items():
+        cap = caps.get(name)
+        if cap is not None and len(rows) > cap:
+            rows = random.Random(f"{seed}:{name}").sample(rows, cap)
+        for r in rows:
+            present.add(r["lang"])
+            if languages is None or r["lang"] in languages:
+                by_lang[r["lang"]].append((r, weights[name]))
+    if not by_lang:
+        raise PolyftError(f"data.languages={list(languages or [])} matches no rows; "
+                          f"languages in the data: {', '.join(sorted(present))}")
+    sizes = {lang: sum(w for _, w in items) for lang, items in by_lang.items()}
+    probs = language_probs(sizes, temperature)
+    total = num_examples or sum(len(items) for items in by_lang.values())
+    mixture = []
+    for lang in sorted(by_lang):
+        items = by_lang[lang]
+        k = round(total * probs[lang])
+        mixture.extend(_draw([r for r, _ in items], [w for _, w in items], k, rng))
+    rng.shuffle(mixture)
+    return mixture
+
+
+def load_mixture(data_cfg, offline: bool) -> list[dict]:
+    """The sampled training rows for a data config (every source read, then mixed)."""
+    from polyft.data.sources import load_source
+
+    sources = {name: load_source(f"data.sources.{name}", src, data_cfg.seed, offline)
+               for name, src in data_cfg.sources.items()}
+    langs = list(data_cfg.languages) if data_cfg.languages else None
+    return build_mixture(sources, {n: s.weight for n, s in data_cfg.sources.items()},
+                         {n: s.max_rows for n, s in data_cfg.sources.items()}, langs,
+                         data_cfg.temperature, data_cfg.num_examples, data_cfg.seed)

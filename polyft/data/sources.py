@@ -1,0 +1,93 @@
+"""Read one data source into plain rows: {prompt, response, lang, task}.
+
+A source is synthetic (generated here), a local jsonl/parquet/csv file, or a hub dataset
+id. Field names map the source's columns onto prompt/response; features (lang, task)
+come from fixed values or from a column. No torch here: the CLI reads sources while
+checking a config, before anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from polyft.errors import PolyftError
+
+
+def _read_file(kind: str, path: Path) -> list[dict]:
+    if kind == "jsonl":
+        with path.open(encoding="utf-8") as fh:
+            rows = []
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise PolyftError(f"{path}: line {i} is not valid JSON") from None
+            return rows
+    if kind == "csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            return list(csv.DictReader(fh))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _read_hub(key: str, src, offline: bool) -> list[dict]:
+    if offline:
+        raise PolyftError(
+            f"{key}.path={src.path} is a hub dataset but polyft is offline; save a local copy "
+            f"(jsonl, parquet or csv) and set {key}.type=jsonl {key}.path=/path/to/file")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.path, src.hub_config, split=src.split)
+    except Exception as exc:  # noqa: BLE001 - any hub failure is the user's to fix
+        raise PolyftError(f"{key}.path={src.path}: could not load from the hub ({type(exc).__name__}); "
+                          "check the id, config and split, or use a local copy") from None
+    return [dict(r) for r in ds]
+
+
+def raw_rows(key: str, src, seed: int, offline: bool) -> list[dict]:
+    """The source's rows as stored, before field mapping."""
+    if src.type == "synthetic":
+        from polyft.data.synthetic import generate
+
+        return generate(src.generator, list(src.langs), src.n, seed)
+    if src.type == "hub":
+        return _read_hub(key, src, offline)
+    path = Path(src.path).expanduser()
+    if not path.is_file():
+        raise PolyftError(f"{key}.path={src.path}: no such file (a local {src.type} file is expected)")
+    return _read_file(src.type, path)
+
+
+def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
+    """Rows {prompt, response, lang, task} of one source, field mapping applied."""
+    rows = raw_rows(key, src, seed, offline)
+    if not rows:
+        raise PolyftError(f"{key}: the source has no rows")
+    columns = set(rows[0])
+    for field_key in ("prompt_field", "response_field", "input_field"):
+        name = getattr(src, field_key)
+        if name and name not in columns:
+            raise PolyftError(f"{key}.{field_key}={name} is not a column of the source; "
+                              f"columns: {', '.join(sorted(columns))}")
+    fixed = dict(src.features)
+    lang_field = src.lang_field if src.lang_field in columns else None
+    if "lang" not in fixed and lang_field is None:
+        raise PolyftError(f"{key}: no language; set {key}.features.lang or {key}.lang_field to a column")
+    out = []
+    for r in rows:
+        prompt = str(r[src.prompt_field])
+        if src.input_field and r.get(src.input_field):
+            prompt = f"{prompt}\n\n{r[src.input_field]}"
+        out.append({
+            "prompt": prompt,
+            "response": str(r[src.response_field]),
+            "lang": fixed.get("lang") or str(r[lang_field]),
+            "task": fixed.get("task") or str(r.get("task", "")) or None,
+            "source": key.rsplit(".", 1)[-1],
+        })
+    return out
