@@ -42,7 +42,8 @@ class Plan:
 def product_name(cfg) -> str:
     if cfg.get("expert"):
         return str(cfg.expert)
-    return f"{cfg.model.name}-{cfg.adapter.type}"
+    quant = f"-{cfg.quant.name}" if cfg.quant.bits else ""
+    return f"{cfg.model.name}-{cfg.adapter.type}{quant}"
 
 
 def product_key(cfg, model_path: str) -> dict:
@@ -160,6 +161,7 @@ def sft_config(cfg, work_dir: Path, run_dir: Path, distributed: bool):
         max_length=cfg.data.max_length, packing=cfg.data.packing, completion_only_loss=True,
         dataset_num_proc=None, use_cpu=not torch.cuda.is_available(),
         ddp_backend=None if torch.cuda.is_available() else ("gloo" if distributed else None),
+        ddp_find_unused_parameters=False if distributed else None,
         save_only_model=False, disable_tqdm=False, run_name=run_dir.name, **extra)
 
 
@@ -241,10 +243,12 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
                          processing_class=tokenizer, peft_config=peft_config)
     resume = last_checkpoint(work_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=resume)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     summary = {"resumed_from": resume, "history": losses, "data_key": data_key,
                "examples": len(dataset), "world_size": trainer.args.world_size,
+               "train_runtime_s": result.metrics.get("train_runtime"),
+               "steps_per_second": result.metrics.get("train_steps_per_second"),
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if not trainer.is_world_process_zero():
         return summary
