@@ -46,21 +46,21 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def split_args(args: list[str]) -> tuple[list[str], bool]:
-    """The overrides among `args`, and whether -m was given."""
-    overrides, multirun, skip = [], False, False
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides, Hydra flags with their values) among `args`."""
+    overrides, flags, skip = [], [], False
     for a in args:
         if skip:
+            flags.append(a)
             skip = False
-        elif a in ("-m", "--multirun"):
-            multirun = True
-        elif a in _FLAGS0:
-            pass
         elif a in _FLAGS1:
+            flags.append(a)
             skip = True
-        elif not a.startswith("-"):
+        elif a.startswith("-"):
+            flags.append(a)
+        else:
             overrides.append(a)
-    return overrides, multirun
+    return overrides, flags
 
 
 def sweep_points(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -137,7 +137,8 @@ def preflight(command: str, args: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides, multirun = split_args(args)
+    overrides, flags = split_args(args)
+    multirun = "-m" in flags or "--multirun" in flags
     try:
         points = sweep_points(overrides, multirun)
     except (HydraException, OmegaConfBaseException) as exc:
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     import hydra
 
     register_configs()
-    sys.argv = [f"polyft-{command}", f"command={command}", *rest]
+    # Hydra's parser wants its flags before the overrides.
+    overrides, flags = split_args(rest)
+    sys.argv = [f"polyft-{command}", *flags, f"command={command}", *overrides]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run_command)()
     return 0
 

@@ -94,7 +94,20 @@ def _check_targets(cfg, model_path: str) -> None:
 
 
 def check(cfg) -> None:
-    """Everything that can be refused before a directory is made."""
+    """Everything that can be refused before a directory is made (each expert, if any)."""
+    if cfg.experts:
+        from polyft.config import validate
+        from polyft.experiment import expert_cfg
+
+        for name in ([cfg.expert] if cfg.expert else list(cfg.experts)):
+            ecfg = expert_cfg(cfg, name)
+            validate(ecfg)
+            check_one(ecfg)
+        return
+    check_one(cfg)
+
+
+def check_one(cfg) -> None:
     if cfg.adapter.type == "full" and cfg.quant.bits:
         raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
                           "quantised base is not possible (use adapter=lora)")
@@ -278,23 +291,38 @@ def relaunch(cfg, run_dir: Path) -> dict:
 
 
 def command(cfg, record) -> None:
+    """Train the configured model, or each expert of an experiment (`expert=NAME`: one)."""
+    if cfg.experts:
+        from polyft.experiment import expert_cfg
+
+        for name in ([cfg.expert] if cfg.expert else list(cfg.experts)):
+            train_one(expert_cfg(cfg, name), record)
+        return
+    train_one(cfg, record)
+
+
+def train_one(cfg, record) -> None:
     p = plan(cfg)
     record.extra["product"] = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key)}
     with p.store.lock(p.kind, p.name, p.key):
         found = existing_product(p)
         if found is not None:
-            record.add_artifact(p.kind, found, reused=True)
+            record.add_artifact(p.kind, found, reused=True, name=p.name)
             print(f"polyft: {p.kind} {p.name} already trained: {found}")
             return
         if cfg.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
             summary = relaunch(cfg, record.run_dir)
         else:
             summary = train_and_save(cfg, p, record.run_dir)
-    record.history = summary.pop("history")
-    record.metrics.update(final_loss=record.history[-1]["loss"] if record.history else None,
-                          first_loss=record.history[0]["loss"] if record.history else None)
-    record.extra["train"] = summary
-    record.add_artifact(p.kind, summary["artifact"], reused=False)
+    history = summary.pop("history")
+    if cfg.command == "train" and not cfg.experts:  # a single training: the run's own history
+        record.history = history
+        record.metrics.update(final_loss=history[-1]["loss"] if history else None,
+                              first_loss=history[0]["loss"] if history else None)
+        record.extra["train"] = summary
+    else:  # one of an experiment's experts
+        record.extra.setdefault("trained", {})[p.name] = {**summary, "history": history}
+    record.add_artifact(p.kind, summary["artifact"], reused=False, name=p.name)
     print(f"polyft: {p.kind} {p.name} written to {summary['artifact']}")
 
 

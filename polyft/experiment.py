@@ -1,0 +1,100 @@
+"""What an experiment names: its experts (trained models), its merges, and refs to them.
+
+An experiment (`conf/exp/NAME.yaml`, `# @package _global_`) overrides groups and adds:
+    experts:   {math: {data: ..., adapter: ..., train: ...}, lang: {...}}
+    merge:     the experiment's main merge (the one a sweep varies), named by merge.name
+    baselines: {soup: {method: linear, models: [math, lang]}, ...}
+A ref in merge.models / eval.models is `base`, an expert name, a merge name or a path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from polyft.errors import MissingArtifactError, PolyftError
+
+GROUPS = ("model", "adapter", "quant", "data", "train")
+
+
+def _group_node(group: str, value):
+    """An expert may name a group option (`data: demo_math`) or give it inline."""
+    if isinstance(value, str):
+        f = Path(__file__).resolve().parent / "conf" / group / f"{value}.yaml"
+        if not f.is_file():
+            options = sorted(p.stem for p in f.parent.glob("*.yaml"))
+            raise PolyftError(f"{group}={value}: no such option; available: {', '.join(options)}")
+        return OmegaConf.load(f)
+    return value
+
+
+def expert_cfg(cfg: DictConfig, name: str) -> DictConfig:
+    """The root config with expert `name`'s overrides applied (typed: bad keys fail here)."""
+    if name not in cfg.experts:
+        raise PolyftError(f"expert={name}: not defined by exp={cfg.exp_name}; "
+                          f"its experts: {', '.join(cfg.experts) or '(none)'}")
+    spec = cfg.experts[name]
+    out = cfg.copy()
+    with open_dict(out):
+        out.expert = name
+    for key, value in spec.items():
+        if key not in GROUPS:
+            raise PolyftError(f"experts.{name}.{key}: not a trainable group; allowed: {', '.join(GROUPS)}")
+        node = _group_node(key, value)
+        if isinstance(value, str):  # a whole option replaces the group
+            out[key] = OmegaConf.merge(OmegaConf.structured(type(OmegaConf.to_object(cfg[key]))), node)
+        else:
+            out[key] = OmegaConf.merge(out[key], node)
+    return out
+
+
+def merge_names(cfg: DictConfig) -> list[str]:
+    names = list(cfg.baselines)
+    if cfg.merge.models or cfg.merge.middle:
+        names.insert(0, main_merge_name(cfg))
+    return names
+
+
+def main_merge_name(cfg: DictConfig) -> str:
+    return cfg.merge.name or cfg.merge.method
+
+
+def merge_cfg(cfg: DictConfig, name: str) -> DictConfig:
+    """The root config whose `merge` group is merge `name` (the main one or a baseline)."""
+    if name == main_merge_name(cfg) and name not in cfg.baselines:
+        return cfg
+    out = cfg.copy()
+    from polyft.config import MergeConfig
+
+    out.merge = OmegaConf.merge(OmegaConf.structured(MergeConfig), cfg.baselines[name], {"name": name})
+    return out
+
+
+def resolve_ref(cfg: DictConfig, ref: str) -> Path:
+    """A directory for `base`, an expert, a merge of the experiment, or a path."""
+    if ref == "base":
+        from polyft.models.load import resolve_model_path
+
+        return Path(resolve_model_path(cfg.model, cfg.output_root, cfg.offline))
+    exp = cfg.exp_name or "EXP"
+    if ref in cfg.experts:
+        from polyft.train import existing_product, plan
+
+        found = existing_product(plan(expert_cfg(cfg, ref)))
+        if found is None:
+            raise MissingArtifactError(f"expert '{ref}' is not trained yet; run: polyft train +exp={exp} expert={ref}")
+        return found
+    if ref in cfg.baselines or (ref == main_merge_name(cfg) and (cfg.merge.models or cfg.merge.middle)):
+        from polyft.merge.command import find_merged
+
+        found = find_merged(merge_cfg(cfg, ref))
+        if found is None:
+            raise MissingArtifactError(f"merge '{ref}' is not made yet; run: polyft merge +exp={exp}")
+        return found
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path.resolve()
+    known = ["base", *cfg.experts, *merge_names(cfg)]
+    raise PolyftError(f"model ref '{ref}': no such path, and not one of this experiment's models "
+                      f"({', '.join(known)})")
