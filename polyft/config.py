@@ -162,7 +162,7 @@ class EvalTaskConfig:
 @dataclass
 class EvalConfig:
     suite: str = "demo"
-    tasks: List[EvalTaskConfig] = field(default_factory=list)
+    tasks: List[Any] = field(default_factory=list)  # task names, or {name, lang, num_fewshot, limit, dataset}
     model: Optional[str] = "base"
     models: Optional[List[str]] = None
     data_dir: Optional[str] = None
@@ -174,6 +174,15 @@ class EvalConfig:
     log_samples: bool = False
     device: Optional[str] = None
     gen_kwargs: Dict[str, Any] = field(default_factory=dict)
+    langs: Optional[List[str]] = None  # keep only the suite's tasks in these languages
+    apply_chat_template: bool = False  # render prompts with the tokenizer's chat template
+
+
+@dataclass
+class ReportConfig:
+    dir: Optional[str] = None  # a run or sweep directory to report on; default: the experiment's runs
+    metric: Optional[str] = None  # default: each task's first metric
+    out: Optional[str] = None  # default: <output_root>/reports/<exp_name>
 
 
 @dataclass
@@ -193,8 +202,11 @@ class RootConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    experts: Dict[str, Any] = field(default_factory=dict)
-    expert: Optional[str] = None
+    report: ReportConfig = field(default_factory=ReportConfig)
+    exp_name: Optional[str] = None
+    experts: Dict[str, Any] = field(default_factory=dict)  # name -> overrides of the groups
+    expert: Optional[str] = None  # train only this expert
+    baselines: Dict[str, Any] = field(default_factory=dict)  # name -> merge config, beside `merge`
 
 
 def register_configs() -> None:
@@ -274,7 +286,38 @@ def _check_merge(m) -> None:
 
 
 def _check_eval(e) -> None:
-    """Rules for the eval group; filled in by the eval command."""
+    """Rules for the eval group (task names, languages, models and data: polyft.eval.command)."""
+    _choice("eval.backend", e.backend, ("hf", "vllm"))
+    bs = e.batch_size
+    factor = bs[5:] if isinstance(bs, str) and bs.startswith("auto:") else "1"
+    if not ((isinstance(bs, int) and not isinstance(bs, bool) and bs >= 1)
+            or (isinstance(bs, str) and bs.split(":")[0] == "auto" and factor.replace(".", "", 1).isdigit())):
+        raise ConfigError(f"eval.batch_size={bs} is not allowed; use a positive integer or auto (auto:N)")
+    if e.limit is not None and e.limit < 1:
+        raise ConfigError(f"eval.limit={e.limit} is not allowed; it must be >= 1 (or null for all)")
+    if e.num_fewshot is not None and e.num_fewshot < 0:
+        raise ConfigError(f"eval.num_fewshot={e.num_fewshot} is not allowed; it must be >= 0")
+    if not e.tasks:
+        raise ConfigError(f"eval={e.suite} has no tasks; list them under eval.tasks")
+    for i, t in enumerate(e.tasks):
+        entry = {"name": t} if isinstance(t, str) else t
+        if not isinstance(entry, (dict, DictConfig)) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ConfigError(f"eval.tasks[{i}]={t} is not allowed; give a task name or {{name: ..., lang: ...}}")
+        unknown = set(entry) - {"name", "lang", "num_fewshot", "limit", "dataset"}
+        if unknown:
+            raise ConfigError(f"eval.tasks[{i}].{sorted(unknown)[0]}: unknown key; allowed keys: name, lang, "
+                              "num_fewshot, limit, dataset")
+        for key in ("num_fewshot", "limit"):
+            v = entry.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (key == "limit")):
+                raise ConfigError(f"eval.tasks[{i}].{key}={v} is not allowed; it must be an integer >= {int(key == 'limit')}")
+    refs = list(e.models) if e.models is not None else [e.model]
+    if not refs or any(not isinstance(r, str) or not r.strip() for r in refs):
+        raise ConfigError("eval.model / eval.models: give base or model/adapter paths")
+    if len(set(refs)) != len(refs):
+        raise ConfigError(f"eval.models lists a model twice: {', '.join(refs)}")
+    if e.langs is not None and not e.langs:
+        raise ConfigError("eval.langs is empty; give languages (e.g. [sw, te]) or null for all")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -175,17 +175,18 @@ def plot_lines(series: dict[str, dict], xlabel: str, title: str, path: Path, cat
 
 # ------------------------------------------------------------------ records on disk
 
-def _eval_rows(record: dict) -> list[dict]:
+def _eval_rows(record: dict) -> list[tuple[str, dict]]:
+    """(artifact path, result row) of every eval artifact a record made or reused."""
     rows = []
     for art in record.get("artifacts", []):
         f = Path(art["path"]) / "results.jsonl"
         if art.get("role") == "eval" and f.exists():
-            rows.extend(json.loads(line) for line in f.read_text().splitlines() if line.strip())
+            rows.extend((art["path"], json.loads(line)) for line in f.read_text().splitlines() if line.strip())
     return rows
 
 
 def sweep_label(record: dict) -> dict:
-    """The swept values of a run (from Hydra's overrides saved with the run)."""
+    """The values a sweep set for this run (Hydra's saved overrides, less its own)."""
     f = Path(record["run_dir"]) / ".hydra" / "overrides.yaml"
     if not f.exists():
         return {}
@@ -194,29 +195,30 @@ def sweep_label(record: dict) -> dict:
     out = {}
     for o in yaml.safe_load(f.read_text()) or []:
         k, _, v = str(o).lstrip("+~").partition("=")
-        if k not in ("command",) and not k.startswith("hydra") and k != "exp":
+        if k not in ("command", "exp") and not k.startswith("hydra"):
             out[k] = v
     return out
 
 
 def collect(records: list[dict]) -> list[dict]:
-    """Result rows of every eval the records made or reused, labelled by variant (and sweep point)."""
+    """Result rows labelled by variant. A variant whose results differ between sweep points
+    (another eval artifact at each point, e.g. the swept merge) is labelled with its point."""
+    per_record = [(rec, sweep_label(rec), _eval_rows(rec)) for rec in records]
+    paths: dict[str, set] = {}
+    for _, _, rows in per_record:
+        for path, row in rows:
+            paths.setdefault(row["model"], set()).add(path)
     out, seen = [], set()
-    swept = {k for r in records for k in sweep_label(r)}
-    many = len([r for r in records if _eval_rows(r)]) > 1
-    for rec in records:
-        label = sweep_label(rec)
-        point = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(label.items()) if k in swept)
-        merged_name = (rec.get("config") or {}).get("merge", {}).get("name") or "merged"
-        for row in _eval_rows(rec):
+    for rec, label, rows in per_record:
+        point = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(label.items()))
+        for path, row in rows:
             variant = row["model"]
-            if point and many and (variant == merged_name or not rec.get("experts_shared", True)):
+            if point and len(paths[variant]) > 1:
                 variant = f"{variant} ({point})"
             key = (variant, row["task"], row.get("lang"), row["metric"], row.get("filter"))
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append({**row, "variant": variant, "point": label})
+            if key not in seen:
+                seen.add(key)
+                out.append({**row, "variant": variant, "point": label})
     return out
 
 
@@ -281,3 +283,26 @@ def command(cfg, record) -> None:
     print(summary["markdown"])
     record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}
     record.add_artifact("report", out, reused=False)
+
+
+try:  # Hydra calls this in the launching process after every point of a sweep has run
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    Callback = object
+
+
+class SweepReport(Callback):
+    """After `polyft run -m ...`: one report over all the sweep's points (heatmap included)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if config.get("command") != "run":
+            return
+        from polyft.runs import load_runs
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = collect([r for r in load_runs(sweep_dir) if r.get("status") == "ok"])
+        if rows:
+            summary = write_report(rows, sweep_dir / "report", config.report.metric,
+                                   config.merge.name or config.merge.method)
+            print(summary["markdown"])
+            print(f"polyft: sweep report in {summary['dir']}")

@@ -185,13 +185,15 @@ class RunRecord:
         self.save()
 
     def save(self) -> None:
-        record = {
+        _write_json(self.run_dir / "run.json", self.as_dict())
+
+    def as_dict(self) -> dict:
+        return {
             "command": self.command, "status": self.status, "seed": self.seed,
             "config": redact(self.config), "wall_time_s": round(time.time() - self._start, 3),
             "metrics": self.metrics, "history": self.history, "artifacts": self.artifacts,
             "error": self.error, **self._meta, **self.extra,
         }
-        _write_json(self.run_dir / "run.json", record)
 
 
 def load_runs(root: str | os.PathLike) -> list[dict]:

@@ -1,0 +1,208 @@
+"""`polyft eval`: per-language scores of models and adapters through lm-evaluation-harness.
+
+    polyft eval eval=mgsm eval.model=outputs/artifacts/adapter/tiny-llama-lora-<hash>
+    polyft eval eval=demo eval.models=[base,PATH_A,PATH_B]      # one base load for all
+    polyft eval -m eval.model=base,PATH_A                        # one run per model
+    polyft eval eval=xnli eval.langs=[sw] eval.data_dir=DIR      # local copies, offline
+
+Reads top to bottom: `check` (before Hydra makes a run directory) resolves the models,
+resolves every task name and language, and decides where each task's data comes from,
+refusing with one line anything that cannot run. `command` then, per model, finds or
+builds one artifact (`eval/<model>-<suite>-<hash>/`: lm-eval's raw results.json, optional
+samples/, results.jsonl rows, the task YAMLs that ran), loading each base model once.
+
+Local data layout (eval.data_dir): see polyft/eval/data.py,
+    <data_dir>/<hub id with / replaced by __>/<config or default>/<split>.jsonl
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from polyft.errors import PolyftError
+from polyft.eval.data import file_identity, is_hub_dataset, plan_data, write_demo_data
+from polyft.eval.models import ModelRef, artifact_label, describe, identity, order_by_base
+from polyft.eval.specs import TaskSpec, resolve_tasks
+from polyft.models.load import is_offline, resolve_model_path, set_offline_env
+from polyft.runs import ArtifactStore, config_hash, read_manifest
+
+KIND = "eval"
+
+
+def resolve_ref(cfg, ref: str, build: bool = True) -> str:
+    """The directory (or hub id) a model reference names: `base` is the configured model;
+    otherwise an existing path. (Experiment artifact names will resolve here too.)"""
+    if ref == "base":
+        return resolve_model_path(cfg.model, cfg.output_root, cfg.offline, build=build)
+    path = Path(os.path.expanduser(ref))
+    if path.exists():
+        return str(path.resolve())
+    raise PolyftError(f"eval.model={ref}: no such model or adapter directory; use base or a path")
+
+
+def model_refs(cfg) -> list[str]:
+    e = cfg.eval
+    return [str(r) for r in e.models] if e.models is not None else [str(e.model)]
+
+
+@dataclass
+class Plan:
+    models: list[ModelRef]
+    specs: list[TaskSpec]
+    store: ArtifactStore
+    targets: dict  # ref -> output directory, or None for the artifact store
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def artifact_name(cfg, m: ModelRef) -> str:
+    return f"{_slug(artifact_label(m, cfg.model.name))}-{_slug(cfg.eval.suite)}"
+
+
+def plan(cfg, build: bool = True) -> Plan:
+    e = cfg.eval
+    offline = is_offline(cfg.offline)
+    if offline:
+        set_offline_env()  # before datasets/huggingface_hub are imported: fail fast, no retries
+    if e.backend == "vllm":
+        from polyft.eval.vllm_backend import check_available
+
+        check_available()
+        if cfg.quant.bits:
+            raise PolyftError(f"quant={cfg.quant.name} is for eval.backend=hf; vLLM loads its own quantised weights")
+    models = [describe(ref, resolve_ref(cfg, ref, build), allow_pickle=cfg.allow_pickle, offline=offline)
+              for ref in model_refs(cfg)]
+    specs = resolve_tasks(list(OmegaConf.to_container(e.tasks, resolve=True)),
+                          langs=list(e.langs) if e.langs else None, include_path=e.include_path,
+                          num_fewshot=e.num_fewshot, limit=e.limit)
+    plan_data(specs, data_dir=e.data_dir, demo_root=Path(cfg.output_root) / "eval-data" / "demo",
+              offline=offline)
+    targets: dict = dict.fromkeys(model_refs(cfg))
+    if cfg.output_dir:
+        out = Path(cfg.output_dir).expanduser().resolve()
+        for m in models:  # one model: output_dir is its artifact; several: one subdirectory each
+            targets[m.ref] = out if len(models) == 1 else out / artifact_name(cfg, m)
+    return Plan(models, specs, ArtifactStore(Path(cfg.output_root) / "artifacts"), targets)
+
+
+def check(cfg) -> None:
+    """Everything that can be refused before a directory is made (no torch, no lm-eval)."""
+    p = plan(cfg, build=False)
+    for target in p.targets.values():
+        if target is not None and target.exists() and any(target.iterdir()):
+            manifest = read_manifest(target)
+            if not manifest or manifest.get("kind") != KIND:
+                raise PolyftError(f"output_dir={target} exists and holds something else; remove it or "
+                                  "choose another path")
+
+
+def _device_type(cfg) -> str:
+    if cfg.eval.device:
+        return str(cfg.eval.device).split(":")[0]
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def eval_key(cfg, m: ModelRef, specs: list[TaskSpec]) -> dict:
+    """What the scores depend on: tasks and their data, the model, and how it is run."""
+    e = cfg.eval
+    tasks = []
+    for s in specs:
+        generated = s.family is not None and s.family.generator is not None
+        tasks.append({
+            "name": s.name, "lang": s.lang, "limit": s.limit, "num_fewshot": s.num_fewshot,
+            "config": config_hash(s.config, 16),
+            "overrides": {k: v for k, v in s.overrides.items() if k != "dataset_kwargs"},
+            # demo files are named by a digest of the code and settings that generate them
+            "data": sorted(s.data_files.values()) if generated else
+            [file_identity(f) for f in sorted(s.data_files.values())],
+            "hub": [s.get("dataset_path"), s.get("dataset_name")] if is_hub_dataset(s) else None,
+        })
+    quant = OmegaConf.to_container(cfg.quant, resolve=True) if cfg.quant.bits else None
+    return {"suite": e.suite, "tasks": tasks, "model": identity(m),
+            "load": {"dtype": cfg.model.dtype, "revision": cfg.model.revision, "quant": quant,
+                     "trust_remote_code": cfg.model.trust_remote_code},
+            "backend": e.backend, "device": _device_type(cfg), "apply_chat_template": e.apply_chat_template,
+            "gen_kwargs": OmegaConf.to_container(e.gen_kwargs, resolve=True), "log_samples": e.log_samples,
+            "lm_eval": metadata.version("lm-eval")}
+
+
+def _existing(p: Plan, m: ModelRef, name: str, key: dict) -> Path | None:
+    target = p.targets[m.ref]
+    if target is not None:
+        manifest = read_manifest(target)
+        return target if manifest and manifest.get("hash") == config_hash(key) else None
+    return p.store.find(KIND, name, key)
+
+
+def _models(cfg, p: Plan):
+    e = cfg.eval
+    if e.backend == "vllm":
+        from polyft.eval.vllm_backend import VLLMModels
+
+        return VLLMModels(p.models, dtype=cfg.model.dtype, batch_size=e.batch_size,
+                          trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed)
+    from polyft.eval.models import HFModels
+
+    return HFModels(cfg.model, cfg.quant, allow_pickle=cfg.allow_pickle, device=e.device,
+                    batch_size=e.batch_size, apply_chat_template=e.apply_chat_template)
+
+
+def evaluate_model(cfg, p: Plan, m: ModelRef, backend) -> tuple[Path, list[dict]]:
+    """Score one model on the suite into a new artifact; returns its path and rows."""
+    from polyft.eval.harness import evaluate, result_rows, write_results, write_task_dir
+
+    e = cfg.eval
+    key = eval_key(cfg, m, p.specs)
+    name = artifact_name(cfg, m)
+    with p.store.build(KIND, name, key, target=p.targets[m.ref]) as b:
+        task_dir = write_task_dir(p.specs, b.dir / "tasks")
+        results = evaluate(backend.lm(m), p.specs, task_dir, apply_chat_template=e.apply_chat_template,
+                           gen_kwargs=OmegaConf.to_container(e.gen_kwargs, resolve=True),
+                           log_samples=e.log_samples)
+        rows = result_rows(results, m.ref, {s.name: s.lang for s in p.specs})
+        write_results(b.dir, results, rows)
+        b.manifest.update(model=asdict(m), suite=e.suite, tasks=[s.name for s in p.specs])
+    return b.dir, rows
+
+
+def command(cfg, record) -> None:
+    from polyft.eval.harness import RESULTS_ROWS, format_rows, read_rows
+
+    p = plan(cfg)
+    for spec in p.specs:
+        if spec.family is not None and spec.family.generator:
+            write_demo_data(spec)
+    record.extra["eval"] = {
+        "suite": cfg.eval.suite, "models": [asdict(m) for m in p.models],
+        "tasks": [{"name": s.name, "lang": s.lang, "limit": s.limit, "num_fewshot": s.fewshot,
+                   "data_files": s.data_files} for s in p.specs]}
+    backend = None
+    rows_by_ref: dict[str, list[dict]] = {}
+    for m in order_by_base(p.models):
+        key = eval_key(cfg, m, p.specs)
+        name = artifact_name(cfg, m)
+        with p.store.lock(KIND, name, key):
+            found = _existing(p, m, name, key)
+            if found is not None:
+                rows = [{**r, "model": m.ref} for r in read_rows(found / RESULTS_ROWS)]
+                record.add_artifact(KIND, found, reused=True, model=m.ref, suite=cfg.eval.suite)
+                print(f"polyft: eval of {m.ref} on {cfg.eval.suite} already done: {found}")
+            else:
+                backend = backend or _models(cfg, p)  # nothing heavy is loaded when all results exist
+                found, rows = evaluate_model(cfg, p, m, backend)
+                record.add_artifact(KIND, found, reused=False, model=m.ref, suite=cfg.eval.suite)
+                print(f"polyft: eval of {m.ref} on {cfg.eval.suite} written to {found}")
+        rows_by_ref[m.ref] = rows
+    record.metrics["results"] = [r for ref in model_refs(cfg) for r in rows_by_ref[ref]]
+    record.save()
+    print(format_rows(record.metrics["results"]))

@@ -1,0 +1,203 @@
+"""The models an eval scores: full model directories and PEFT adapters on a shared base.
+
+`describe` and `identity` are light (no torch). `HFModels` loads each base once and keeps
+the last one for the next run in the same process (a `-m` sweep over adapters), applies
+adapters to it in place with peft (load_adapter / set_adapter, the previous adapter
+deleted, `unload()` to get the plain base back), and hands lm-eval an HFLM wrapping that
+model object, so no adapter evaluation reloads the base.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from polyft.errors import PolyftError
+from polyft.models.load import check_model_dir, hub_cached, looks_like_hub_id
+from polyft.runs import read_manifest
+
+_WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".jinja", ".txt")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    ref: str  # as the user wrote it ("base", a path); the label in every result row
+    path: str  # the model or adapter directory (or a hub id for base)
+    kind: str  # model | adapter
+    base: str | None = None  # an adapter's base model (directory or hub id)
+
+    @property
+    def base_path(self) -> str:
+        return self.base if self.kind == "adapter" else self.path
+
+
+def describe(ref: str, path: str, *, allow_pickle: bool = False, offline: bool = False) -> ModelRef:
+    """What `path` holds, refusing anything that is not a model or an adapter."""
+    key = f"eval.model={ref}"
+    p = Path(path)
+    if not p.exists():
+        return ModelRef(ref, path, "model")  # a hub id, checked by resolve_model_path
+    if (p / "adapter_config.json").is_file():
+        try:
+            conf = json.loads((p / "adapter_config.json").read_text())
+        except json.JSONDecodeError:
+            raise PolyftError(f"{key}: adapter_config.json is not valid JSON") from None
+        safe, pickled = sorted(p.glob("adapter_model*.safetensors")), sorted(p.glob("adapter_model*.bin"))
+        if not safe and not (pickled and allow_pickle):
+            what = "only pickle weights (allow_pickle=true to load them)" if pickled else "no adapter weights"
+            raise PolyftError(f"{key} is an adapter with {what} (adapter_model.safetensors)")
+        base = conf.get("base_model_name_or_path")
+        if not base:
+            raise PolyftError(f"{key}: adapter_config.json names no base_model_name_or_path")
+        if Path(base).exists():
+            check_model_dir(base, f"{key} (its base)", allow_pickle)
+            base = str(Path(base).resolve())
+        elif not looks_like_hub_id(base):
+            raise PolyftError(f"{key}: its base model {base} does not exist; fix base_model_name_or_path "
+                              "in adapter_config.json")
+        elif offline and hub_cached(base) is None:
+            raise PolyftError(f"{key}: its base model {base} is a hub id but polyft is offline; set "
+                              "base_model_name_or_path in adapter_config.json to a local directory")
+        return ModelRef(ref, str(p.resolve()), "adapter", base)
+    if not (p / "config.json").is_file():
+        raise PolyftError(f"{key} is not a model or adapter directory (no config.json or adapter_config.json)")
+    check_model_dir(str(p), key, allow_pickle)
+    return ModelRef(ref, str(p.resolve()), "model")
+
+
+def _dir_identity(path: str) -> dict:
+    p = Path(path)
+    if not p.is_dir():
+        return {"hub": path}
+    manifest = read_manifest(p)
+    if manifest and manifest.get("hash"):  # a polyft product: its hash says what made it
+        return {"path": str(p), "manifest": manifest["hash"], "kind": manifest.get("kind")}
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in _WEIGHT_SUFFIXES)
+    return {"path": str(p), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def identity(m: ModelRef) -> dict:
+    """What a cached result depends on for this model (paths plus content markers)."""
+    ident = {"kind": m.kind, "model": _dir_identity(m.path)}
+    if m.kind == "adapter":
+        ident["base"] = _dir_identity(m.base)
+    return ident
+
+
+def artifact_label(m: ModelRef, base_name: str) -> str:
+    return base_name if m.ref == "base" else Path(m.path).name
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_batch_size(batch_size, device: str):
+    """`auto` is lm-eval's search for the largest batch that fits a GPU; on CPU it means 8."""
+    if isinstance(batch_size, str) and batch_size.startswith("auto"):
+        return batch_size if device.startswith("cuda") else 8
+    return int(batch_size)
+
+
+# The last base model loaded in this process, kept for the next run of a sweep:
+# {"key": load settings, "model": the plain base, "peft": its PeftModel or None, "adapter": name}
+_KEPT: dict = {}
+
+
+class HFModels:
+    """Models for lm-eval's HF backend; a base is loaded once and adapters go on and off it."""
+
+    def __init__(self, model_cfg, quant_cfg=None, *, allow_pickle: bool = False, device: str | None = None,
+                 batch_size=8, apply_chat_template: bool = False):
+        self.model_cfg, self.allow_pickle = model_cfg, allow_pickle
+        self.quant_cfg = quant_cfg if quant_cfg is not None and quant_cfg.bits else None
+        self.device = resolve_device(device)
+        self.batch_size = resolve_batch_size(batch_size, self.device)
+        self.apply_chat_template = apply_chat_template
+
+    def _key(self, path: str) -> str:
+        quant = dict(self.quant_cfg) if self.quant_cfg is not None else None
+        return json.dumps([path, self.model_cfg.dtype, self.model_cfg.revision, quant, self.device,
+                           self.allow_pickle], sort_keys=True, default=str)
+
+    def plain(self, path: str):
+        """The base model at `path` with no adapter in it, loaded only if not already held."""
+        if _KEPT.get("key") == self._key(path):
+            if _KEPT["peft"] is not None:
+                _KEPT["model"] = _KEPT["peft"].unload()  # LoRA layers out, original modules back
+                _KEPT.update(peft=None, adapter=None)
+            return _KEPT["model"]
+        release()
+        from polyft.models.load import load_base
+
+        device_map = None if self.device == "cpu" else {"": self.device}
+        model = load_base(path, self.model_cfg, self.quant_cfg, allow_pickle=self.allow_pickle,
+                          device_map=device_map)
+        model.eval()
+        _KEPT.update(key=self._key(path), model=model, peft=None, adapter=None, count=0)
+        return model
+
+    def with_adapter(self, m: ModelRef):
+        """The base of `m` with only adapter `m` active (the previous adapter deleted)."""
+        if _KEPT.get("key") != self._key(m.base) or _KEPT["peft"] is None:
+            from peft import PeftModel
+
+            base = self.plain(m.base)
+            _KEPT["count"] += 1
+            name = f"a{_KEPT['count']}"
+            _KEPT.update(peft=PeftModel.from_pretrained(base, m.path, adapter_name=name), adapter=name)
+        else:
+            peft_model, old = _KEPT["peft"], _KEPT["adapter"]
+            _KEPT["count"] += 1
+            name = f"a{_KEPT['count']}"
+            peft_model.load_adapter(m.path, adapter_name=name)
+            peft_model.set_adapter(name)
+            peft_model.delete_adapter(old)
+            _KEPT["adapter"] = name
+        _KEPT["peft"].eval()
+        return _KEPT["peft"]
+
+    def tokenizer_for(self, m: ModelRef):
+        from polyft.data.formatting import ensure_chat_template
+        from polyft.models.load import load_tokenizer
+
+        source = m.path if (Path(m.path) / "tokenizer_config.json").is_file() else m.base_path
+        revision = None if Path(source).is_dir() else self.model_cfg.revision  # a hub base's pin
+        tok = load_tokenizer(source, bool(self.model_cfg.trust_remote_code), revision)
+        if self.apply_chat_template:
+            ensure_chat_template(tok)  # the template polyft trains with when a base has none
+        return tok
+
+    def lm(self, m: ModelRef):
+        """An lm-eval HFLM around the shared model object, with `m`'s adapter (if any) on."""
+        from lm_eval.models.huggingface import HFLM
+
+        model = self.plain(m.path) if m.kind == "model" else self.with_adapter(m)
+        return HFLM(pretrained=model, tokenizer=self.tokenizer_for(m), batch_size=self.batch_size)
+
+
+def release() -> None:
+    """Drop the kept model (another base is next)."""
+    _KEPT.clear()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def order_by_base(models: list[ModelRef]) -> list[ModelRef]:
+    """Models grouped by base (first appearance order), plain models before adapters, so a
+    base is loaded once however the user ordered them."""
+    groups: dict[str, list[ModelRef]] = {}
+    for m in models:
+        groups.setdefault(str(Path(m.base_path).resolve()) if Path(m.base_path).exists() else m.base_path,
+                          []).append(m)
+    return [m for group in groups.values() for m in sorted(group, key=lambda x: x.kind == "adapter")]
+

@@ -1,0 +1,80 @@
+"""Merge methods by name.
+
+A method is one small function over fp32 tensors of a single parameter, registered with
+`@register`. The engine (engine.py) reads the inputs, resolves per-layer parameters,
+calls the function and writes its result; the function never sees files or configs.
+
+Calling convention: `fn(tensors, base, **params)` where `tensors` are the models' tensors
+in config order, `base` is the base model's tensor (None unless `needs_base`), and the
+keyword arguments are the `params` the method declared, already resolved to plain values
+for this tensor (`name`: the tensor's name, `stats`: a dict the method may add counts to).
+A function returns the merged tensor and must not modify its inputs, which can be
+memory-mapped views of the checkpoint files.
+
+Method modules import torch inside their functions, so listing the registered names (the
+CLI's config checks) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from polyft.errors import ConfigError
+
+# The modules holding the methods; importing them registers what they define.
+MODULES = ("linear", "task_arithmetic", "ties", "ties_sv", "dare", "slerp", "layer_swap")
+# Parameters that may be lists of anchors spread over layer depth (see engine.resolve_scalar).
+GRADIENT_PARAMS = ("weights", "scale", "density", "t")
+
+_METHODS: dict[str, "Method"] = {}
+_loaded = False
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable
+    params: tuple[str, ...] = ()
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    # Optional: (layer, n_layers, **merge params) -> per-model mixing weights. A one-hot
+    # answer means "this model's tensor, unchanged", which the engine copies byte for byte.
+    route: Callable | None = None
+    # Optional: (summed stats) -> diagnostics for the manifest and run.json.
+    summary: Callable | None = None
+
+
+def register(name: str, *, params: tuple[str, ...] = (), needs_base: bool = False,
+             min_models: int = 1, max_models: int | None = None, route: Callable | None = None,
+             summary: Callable | None = None) -> Callable:
+    def decorate(fn: Callable) -> Callable:
+        if name in _METHODS:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        _METHODS[name] = Method(name, fn, tuple(params), needs_base, min_models, max_models,
+                                route, summary)
+        return fn
+
+    return decorate
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        for module in MODULES:
+            importlib.import_module(f"polyft.merge.{module}")
+        _loaded = True
+
+
+def names() -> list[str]:
+    _load()
+    return sorted(_METHODS)
+
+
+def get(name: str) -> Method:
+    _load()
+    if name not in _METHODS:
+        raise ConfigError(f"merge.method={name}: unknown merge method; registered: {', '.join(names())}")
+    return _METHODS[name]
