@@ -132,8 +132,9 @@ def compose(command: str, overrides: list[str]):
         return hydra_compose("config", overrides=[f"command={command}", *overrides])
 
 
-def preflight(command: str, args: list[str]) -> None:
-    """Compose and validate every run point; raise PolyftError on the first bad one."""
+def preflight(command: str, args: list[str], files: bool = True) -> None:
+    """Compose and validate every run point; raise PolyftError on the first bad one.
+    `files=False` (for --cfg/--info, which only print) skips the checks that read files or the hub."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -152,7 +153,7 @@ def preflight(command: str, args: list[str]) -> None:
             raise PolyftError(explain(exc)) from None
         validate(cfg)
         check = getattr(handler, "check", None)
-        if check is not None:
+        if check is not None and files:
             check(cfg)
 
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     wants_help = any(a in ("--help", "-h", "--hydra-help") for a in rest)
     if not wants_help:
         try:
-            preflight(command, rest)
+            preflight(command, rest, files=not any(a in ("--cfg", "-c", "--info", "-i") for a in rest))
         except PolyftError as exc:
             fail(str(exc))
     import hydra

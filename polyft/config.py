@@ -76,7 +76,8 @@ class SourceConfig:
     max_rows: Optional[int] = None
     features: Dict[str, str] = field(default_factory=dict)  # fixed features, e.g. {task: math}
     lang_field: Optional[str] = "lang"  # row column holding the language, if any
-    prompt_field: str = "prompt"
+    where: Dict[str, str] = field(default_factory=dict)  # keep rows whose column equals the value
+    prompt_field: Optional[str] = "prompt"  # null: plain text, loss on all of it (continued pretraining)
     input_field: Optional[str] = None  # appended to the prompt when present (Alpaca layout)
     response_field: str = "response"
 
@@ -333,6 +334,10 @@ def validate(cfg: DictConfig) -> None:
         _check_merge(cfg.merge)
     if cfg.command in ("eval", "run"):
         _check_eval(cfg.eval)
+    if cfg.experts or cfg.baselines:
+        from polyft.experiment import validate_experiment
+
+        validate_experiment(cfg)
 
 
 def to_container(cfg: DictConfig | ListConfig) -> Any:

@@ -98,3 +98,45 @@ def resolve_ref(cfg: DictConfig, ref: str) -> Path:
     known = ["base", *cfg.experts, *merge_names(cfg)]
     raise PolyftError(f"model ref '{ref}': no such path, and not one of this experiment's models "
                       f"({', '.join(known)})")
+
+
+def eval_models(cfg: DictConfig) -> list[str]:
+    """What `polyft run` evaluates: eval.models, or base, every expert and every merge."""
+    if cfg.eval.models:
+        return list(cfg.eval.models)
+    return ["base", *cfg.experts, *merge_names(cfg)]
+
+
+def validate_experiment(cfg: DictConfig) -> None:
+    """Structure only (no files): experts compose and validate, refs name something produced."""
+    from polyft.config import validate
+
+    produced = {"base"}
+    for name in cfg.experts:
+        ecfg = expert_cfg(cfg, name)
+        with open_dict(ecfg):
+            ecfg.command = "train"
+            ecfg.experts = {}
+        validate(ecfg)
+        init = ecfg.adapter.init_from
+        if init and init not in produced and not Path(init).exists():
+            raise PolyftError(f"experts.{name}.adapter.init_from={init}: not an earlier expert nor a directory")
+        produced.add(name)
+    if cfg.expert and cfg.expert not in cfg.experts:
+        raise PolyftError(f"expert={cfg.expert}: not defined by exp={cfg.exp_name}; "
+                          f"its experts: {', '.join(cfg.experts) or '(none)'}")
+    if cfg.command not in ("merge", "eval", "run"):
+        return
+    for name in merge_names(cfg):
+        m = merge_cfg(cfg, name).merge
+        where = "merge" if name == main_merge_name(cfg) and name not in cfg.baselines else f"baselines.{name}"
+        for ref in [*m.models, m.base, m.middle, m.outer]:
+            if ref is not None and str(ref) not in produced and not Path(str(ref)).exists():
+                raise PolyftError(f"{where} names model '{ref}', which no stage of exp={cfg.exp_name} "
+                                  f"produces; known: {', '.join(sorted(produced))}")
+        produced.add(name)
+    if cfg.command in ("eval", "run") and cfg.experts:
+        for ref in eval_models(cfg):
+            if ref not in produced and not Path(ref).exists():
+                raise PolyftError(f"eval.models names '{ref}', which no stage of exp={cfg.exp_name} "
+                                  f"produces; known: {', '.join(sorted(produced))}")

@@ -64,8 +64,30 @@ def plan(cfg, build_model: bool = True) -> Plan:
     path = resolve_model_path(cfg.model, cfg.output_root, cfg.offline, build=build_model)
     kind = "model" if cfg.adapter.type == "full" else "adapter"
     target = Path(cfg.output_dir).resolve() if cfg.output_dir else None
-    return Plan(path, kind, product_name(cfg), product_key(cfg, path),
-                ArtifactStore(Path(cfg.output_root) / "artifacts"), target)
+    key = product_key(cfg, path)
+    if cfg.adapter.init_from and kind == "adapter":
+        key["adapter"]["init_from"] = init_identity(cfg)
+    return Plan(path, kind, product_name(cfg), key, ArtifactStore(Path(cfg.output_root) / "artifacts"), target)
+
+
+def init_identity(cfg) -> dict:
+    """What a continued LoRA starts from: an expert (by its product hash) or an adapter dir."""
+    ref = cfg.adapter.init_from
+    if ref in cfg.experts:
+        from polyft.experiment import expert_cfg
+
+        return {"expert": ref, "hash": config_hash(plan(expert_cfg(cfg, ref), build_model=False).key)}
+    m = read_manifest(ref) or {}
+    return {"path": str(Path(ref).resolve()), "hash": m.get("hash")}
+
+
+def init_dir(cfg) -> str:
+    ref = cfg.adapter.init_from
+    if ref in cfg.experts:
+        from polyft.experiment import resolve_ref
+
+        return str(resolve_ref(cfg, ref))
+    return ref
 
 
 def existing_product(p: Plan) -> Path | None:
@@ -117,8 +139,10 @@ def check_one(cfg) -> None:
     if cfg.model.tiny is None:
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
     _check_targets(cfg, p.model_path)
-    if cfg.adapter.init_from and not Path(cfg.adapter.init_from).is_dir():
-        raise PolyftError(f"adapter.init_from={cfg.adapter.init_from}: no such adapter directory")
+    init = cfg.adapter.init_from
+    if init and init not in cfg.experts and not (Path(init) / "adapter_config.json").is_file():
+        raise PolyftError(f"adapter.init_from={init}: not an adapter directory (no adapter_config.json) "
+                          f"nor an expert of this experiment")
     if p.target is not None and p.target.exists() and any(p.target.iterdir()) and existing_product(p) is None:
         raise PolyftError(f"output_dir={p.target} exists and holds something else; remove it or "
                           "choose another path")
@@ -202,7 +226,7 @@ def build_model(cfg, model_path: str):
     if cfg.adapter.init_from:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, cfg.adapter.init_from, is_trainable=True), None
+        return PeftModel.from_pretrained(model, init_dir(cfg), is_trainable=True), None
     return model, lora_config(cfg.adapter)
 
 

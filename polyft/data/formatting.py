@@ -31,6 +31,10 @@ def ensure_chat_template(tokenizer) -> None:
 
 
 def encode(row: dict, tokenizer) -> dict:
+    if not row["prompt"]:  # plain text (continued pretraining): every token carries loss
+        ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "completion_mask": [1] * len(ids), "lang": row["lang"],
+                "task": row.get("task") or ""}
     user = [{"role": "user", "content": row["prompt"]}]
     prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["response"]}],

@@ -69,6 +69,12 @@ def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
     if not rows:
         raise PolyftError(f"{key}: the source has no rows")
     columns = set(rows[0])
+    for col, value in src.where.items():
+        if col not in columns:
+            raise PolyftError(f"{key}.where.{col}: not a column of the source; columns: {', '.join(sorted(columns))}")
+        rows = [r for r in rows if str(r[col]) == str(value)]
+        if not rows:
+            raise PolyftError(f"{key}.where.{col}={value} matches no rows")
     for field_key in ("prompt_field", "response_field", "input_field"):
         name = getattr(src, field_key)
         if name and name not in columns:
@@ -80,7 +86,7 @@ def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
         raise PolyftError(f"{key}: no language; set {key}.features.lang or {key}.lang_field to a column")
     out = []
     for r in rows:
-        prompt = str(r[src.prompt_field])
+        prompt = str(r[src.prompt_field]) if src.prompt_field else ""
         if src.input_field and r.get(src.input_field):
             prompt = f"{prompt}\n\n{r[src.input_field]}"
         out.append({

@@ -119,10 +119,10 @@ def read_rows(path: Path) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     """A small table for the terminal."""
-    lines = [f"{'model':<28} {'task':<26} {'lang':<5} {'metric':<24} {'value':>8} {'stderr':>8} {'n':>5}"]
+    lines = [f"{'model':<28} {'task':<26} {'lang':<5} {'metric':<32} {'value':>8} {'stderr':>8} {'n':>5}"]
     for r in rows:
         metric = f"{r['metric']},{r['filter']}" if r["filter"] != "none" else r["metric"]
         err = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
         lines.append(f"{str(r['model'])[-28:]:<28} {r['task']:<26} {str(r['lang'] or '-'):<5} "
-                     f"{metric:<24} {r['value']:>8.4f} {err:>8} {r['n'] or '':>5}")
+                     f"{metric:<32} {r['value']:>8.4f} {err:>8} {r['n'] or '':>5}")
     return "\n".join(lines)

@@ -204,7 +204,7 @@ def _unknown(name: str, roots: list[Path]) -> PolyftError:
 
 # ---------------------------------------------------------------- languages
 
-_TRAILING_LANG = re.compile(r"_([a-z]{2,3})$")
+_TRAILING_LANG = re.compile(r"_([a-z]{2})$")
 _TRAILING_FLORES = re.compile(r"_([a-z]{3}_[A-Z][a-z]{3})$")
 
 
