@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/polyft train
+	$(VENV)/bin/polyft run +exp=demo
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

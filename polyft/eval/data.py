@@ -76,6 +76,10 @@ def use_local_copy(spec: TaskSpec, directory: Path) -> None:
     """Point the task at <split> files in `directory` (see the module docstring)."""
     dataset_id = spec.get("dataset_path")
     needed = [eval_split(spec)] + ([fewshot_split(spec)] if spec.fewshot > 0 else [])
+    for split in needed:  # the scored split first: its absence is the one to report
+        if split and _split_file(directory, split) is None:
+            raise PolyftError(f"task {spec.name}: missing local data file {directory / split}.jsonl "
+                              f"(a local copy of {dataset_id}; layout: {LAYOUT})")
     files, builders = {}, set()
     for key in SPLIT_KEYS:
         split = spec.get(key)
@@ -85,9 +89,6 @@ def use_local_copy(spec: TaskSpec, directory: Path) -> None:
         if f is not None:
             files[split] = f
             builders.add(EXTENSIONS[f.suffix])
-        elif split in needed:
-            raise PolyftError(f"task {spec.name}: missing local data file {directory / split}.jsonl "
-                              f"(a local copy of {dataset_id}; layout: {LAYOUT})")
         else:
             spec.overrides[key] = None
     fs_conf = spec.get("fewshot_config") or {}

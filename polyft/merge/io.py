@@ -402,39 +402,23 @@ def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int)
         done += len(chunk)
 
 
-def copy_side_files(out_dir: Path, config_source: Path | None, tokenizer_source: Path | None,
+def copy_side_files(out_dir: Path, config_dir: Path | None, tokenizer_dir: Path | None,
                     dtype: str | None) -> list[str]:
-    """config.json (+ generation_config.json) and the tokenizer files next to the weights.
-
-    An adapter directory contributes its own tokenizer if it saved one, else its base's."""
+    """config.json (+ generation_config.json) and the tokenizer files next to the weights;
+    config.json names the output dtype when merge.dtype changed it."""
     copied = []
-    if config_source is not None:
-        src = _model_dir(config_source)
-        for name in CONFIG_FILES:
+    for src, names in ((config_dir, CONFIG_FILES), (tokenizer_dir, TOKENIZER_FILES)):
+        for name in names if src is not None else ():
             if (src / name).is_file():
                 shutil.copy2(src / name, out_dir / name)
                 copied.append(name)
-        if dtype and (out_dir / "config.json").is_file():
-            conf = json.loads((out_dir / "config.json").read_text())
-            key = "torch_dtype" if "torch_dtype" in conf and "dtype" not in conf else "dtype"
-            conf[key] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(dtype, conf.get(key))
-            (out_dir / "config.json").write_text(json.dumps(conf, indent=2))
-    if tokenizer_source is not None:
-        src = tokenizer_source if _has_tokenizer(tokenizer_source) else _model_dir(tokenizer_source)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, out_dir / name)
-                copied.append(name)
+    if dtype and (out_dir / "config.json").is_file():
+        conf = json.loads((out_dir / "config.json").read_text())
+        key = "torch_dtype" if "torch_dtype" in conf and "dtype" not in conf else "dtype"
+        conf[key] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
+        (out_dir / "config.json").write_text(json.dumps(conf, indent=2))
     return copied
 
 
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
     return any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-
-
-def _model_dir(path: Path) -> Path:
-    """The directory holding config.json for a model or an adapter (then: its base)."""
-    path = Path(path)
-    if is_adapter_dir(path) and not (path / "config.json").is_file():
-        return Path(adapter_base_ref(path))
-    return path
