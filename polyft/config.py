@@ -283,7 +283,38 @@ def _check_train(t) -> None:
 
 
 def _check_merge(m) -> None:
-    """Rules for the merge group; filled in by the merge command."""
+    """Choices and ranges of the merge group; polyft.merge.command.check does the files."""
+    from polyft.merge.io import parse_size
+    from polyft.merge.registry import names
+
+    _choice("merge.method", m.method, tuple(names()))
+    _choice("merge.non_layer", m.non_layer, ("outer", "middle", "average"))
+    _choice("merge.vocab", m.vocab, ("strict", "first"))
+    _choice("merge.dtype", m.dtype, (None, "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
+
+    def numbers(key, value, ok=lambda x: True, allowed="a number"):
+        """A number, or a non-empty list of numbers (a gradient over layer depth)."""
+        values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)
+                             for v in values):
+            raise ConfigError(f"{key}={value} is not allowed; use {allowed}, or a list of them "
+                              "(anchors spread over layer depth)")
+
+    numbers("merge.density", m.density, lambda x: 0 < x <= 1, "a density in (0, 1]")
+    numbers("merge.t", m.t, lambda x: 0 <= x <= 1, "an interpolation factor in [0, 1]")
+    numbers("merge.scale", m.scale)
+    for i, w in enumerate(m.weights or []):
+        numbers(f"merge.weights[{i}]", w)
+    if not isinstance(m.slack, (int, float)) or not 0 <= m.slack <= 1:
+        raise ConfigError(f"merge.slack={m.slack} is not allowed; use a number in [0, 1]")
+    for key in ("bottom", "top", "transition_bottom", "transition_top"):
+        if m[key] < 0:
+            raise ConfigError(f"merge.{key}={m[key]} is not allowed; a number of layers is >= 0")
+    if len(m.blend) != 2 or min(m.blend) < 0 or sum(m.blend) <= 0:
+        raise ConfigError(f"merge.blend={list(m.blend)} is not allowed; give [w_middle, w_outer], "
+                          "two weights >= 0 with a positive sum")
+    if parse_size(m.shard_size) <= 0:
+        raise ConfigError(f"merge.shard_size={m.shard_size} is not allowed; it must be > 0")
 
 
 def _check_eval(e) -> None:

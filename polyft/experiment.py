@@ -9,6 +9,7 @@ A ref in merge.models / eval.models is `base`, an expert name, a merge name or a
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -35,7 +36,7 @@ def expert_cfg(cfg: DictConfig, name: str) -> DictConfig:
         raise PolyftError(f"expert={name}: not defined by exp={cfg.exp_name}; "
                           f"its experts: {', '.join(cfg.experts) or '(none)'}")
     spec = cfg.experts[name]
-    out = cfg.copy()
+    out = copy.deepcopy(cfg)
     with open_dict(out):
         out.expert = name
     for key, value in spec.items():
@@ -64,11 +65,20 @@ def merge_cfg(cfg: DictConfig, name: str) -> DictConfig:
     """The root config whose `merge` group is merge `name` (the main one or a baseline)."""
     if name == main_merge_name(cfg) and name not in cfg.baselines:
         return cfg
-    out = cfg.copy()
+    out = copy.deepcopy(cfg)
     from polyft.config import MergeConfig
 
     out.merge = OmegaConf.merge(OmegaConf.structured(MergeConfig), cfg.baselines[name], {"name": name})
     return out
+
+
+def find_merged(cfg: DictConfig) -> Path | None:
+    """The store's product of the merge `cfg.merge`, if made (its inputs must exist)."""
+    from polyft.merge.command import KIND, product_key, resolve_inputs
+    from polyft.runs import ArtifactStore
+
+    key = product_key(cfg, resolve_inputs(cfg))
+    return ArtifactStore(Path(cfg.output_root) / "artifacts").find(KIND, main_merge_name(cfg), key)
 
 
 def resolve_ref(cfg: DictConfig, ref: str) -> Path:
@@ -86,8 +96,6 @@ def resolve_ref(cfg: DictConfig, ref: str) -> Path:
             raise MissingArtifactError(f"expert '{ref}' is not trained yet; run: polyft train +exp={exp} expert={ref}")
         return found
     if ref in cfg.baselines or (ref == main_merge_name(cfg) and (cfg.merge.models or cfg.merge.middle)):
-        from polyft.merge.command import find_merged
-
         found = find_merged(merge_cfg(cfg, ref))
         if found is None:
             raise MissingArtifactError(f"merge '{ref}' is not made yet; run: polyft merge +exp={exp}")
@@ -116,7 +124,7 @@ def validate_experiment(cfg: DictConfig) -> None:
         ecfg = expert_cfg(cfg, name)
         with open_dict(ecfg):
             ecfg.command = "train"
-            ecfg.experts = {}
+            ecfg.experts, ecfg.baselines, ecfg.expert = {}, {}, None
         validate(ecfg)
         init = ecfg.adapter.init_from
         if init and init not in produced and not Path(init).exists():

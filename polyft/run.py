@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from omegaconf import open_dict
@@ -38,7 +39,7 @@ def command(cfg, record) -> None:
     train.command(cfg, record)
     for name in merge_names(cfg):
         merge_command.command(merge_cfg(cfg, name), record)
-    stage = cfg.copy()
+    stage = copy.deepcopy(cfg)
     with open_dict(stage):
         stage.eval.models = eval_models(cfg)
     eval_command.command(stage, record)

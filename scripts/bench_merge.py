@@ -95,3 +95,169 @@ def ensure_models(root: Path) -> list[Path]:
             build_checkpoint(p, k)
         paths.append(p)
     return paths
+
+
+# ----------------------------------------------------------------------------- tools
+
+def ensure_mergekit() -> Path:
+    exe = BENCH_VENV / "bin" / "mergekit-yaml"
+    if not exe.exists():
+        print(f"installing mergekit into {BENCH_VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+        # torch pinned like the main environment, so both tools run the same CPU build
+        subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "-q", "mergekit", "torch>=2.4,<2.14"],
+                       check=True)
+    return exe
+
+
+def cases(models: list[Path]) -> dict[str, tuple[list[str], dict]]:
+    """method -> (polyft overrides, mergekit config), with matching parameters."""
+    base, a, b = (str(m) for m in models)
+    task = {"base_model": base, "dtype": "bfloat16",
+            "parameters": {"normalize": True, "lambda": 1.0},
+            "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in (a, b)]}
+    return {
+        "linear": ([f"merge.models=[{base},{a},{b}]"],
+                   {"merge_method": "linear", "dtype": "bfloat16", "parameters": {"normalize": True},
+                    "models": [{"model": m, "parameters": {"weight": 1.0}} for m in (base, a, b)]}),
+        "ties": ([f"merge.models=[{a},{b}]", f"merge.base={base}", "merge.density=0.5", "merge.scale=1.0"],
+                 {"merge_method": "ties", **task}),
+        "dare_ties": ([f"merge.models=[{a},{b}]", f"merge.base={base}", "merge.density=0.5", "merge.scale=1.0",
+                       "merge.seed=0"], {"merge_method": "dare_ties", **task}),
+        # mergekit's passthrough takes the non-layer tensors from the first slice's model
+        "layer_swap": ([f"merge.middle={a}", f"merge.outer={b}", "merge.bottom=4", "merge.top=2",
+                        "merge.transition_bottom=0", "merge.transition_top=0", "merge.non_layer=outer"],
+                       {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
+                           {"sources": [{"model": b, "layer_range": [0, 4]}]},
+                           {"sources": [{"model": a, "layer_range": [4, 14]}]},
+                           {"sources": [{"model": b, "layer_range": [14, 16]}]}]}),
+    }
+
+
+def warm(paths: list[Path]) -> None:
+    """Same start for every run: dirty pages flushed, every input read once (page cache)."""
+    subprocess.run(["sync"], check=True)
+    for p in paths:
+        for f in sorted(p.glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS bytes of the process tree, exit code)."""
+    import psutil
+
+    peak, stop = 0, threading.Event()
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+        def poll():
+            nonlocal peak
+            try:
+                root = psutil.Process(proc.pid)
+            except psutil.NoSuchProcess:
+                return
+            while not stop.is_set():
+                try:
+                    rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                    peak = max(peak, rss)
+                except psutil.Error:
+                    pass
+                time.sleep(0.02)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        code = proc.wait()
+        wall = time.perf_counter() - start
+        stop.set()
+        poller.join()
+    return wall, peak, code
+
+
+def agreement(x: Path, y: Path, names: list[str]) -> str:
+    """Largest |difference| between two outputs over a few tensors."""
+    import torch
+    from safetensors import safe_open
+
+    def get(d, n):
+        for f in d.glob("*.safetensors"):
+            with safe_open(f, "pt") as h:
+                if n in h.keys():
+                    return h.get_tensor(n).float()
+        raise KeyError(n)
+
+    worst = 0.0
+    for n in names:
+        worst = max(worst, float((get(x, n) - get(y, n)).abs().max()))
+    return f"{worst:.2g}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=str(REPO / "outputs" / "bench"))
+    ap.add_argument("--methods", default="linear,ties,dare_ties,layer_swap")
+    ap.add_argument("--no-mergekit", action="store_true", help="time polyft only")
+    args = ap.parse_args()
+    root = Path(args.root).resolve()
+    models = ensure_models(root)
+    mergekit = None if args.no_mergekit else ensure_mergekit()
+    out_root, logs = root / "out", root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    polyft = REPO / ".venv" / "bin" / "polyft"
+    sample = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+              "model.layers.9.mlp.down_proj.weight", "model.layers.15.mlp.up_proj.weight"]
+    rows = []
+    for method in args.methods.split(","):
+        overrides, mk_config = cases(models)[method]
+        used = models[1:] if method == "layer_swap" else models
+        results = {}
+        for tool in ("polyft", "mergekit") if mergekit else ("polyft",):
+            out = out_root / f"{tool}-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            if tool == "polyft":
+                cmd = [str(polyft), "merge", f"merge={method}", *overrides, f"output_dir={out}",
+                       f"output_root={root / 'runs'}", "logger=none"]
+            else:
+                conf = logs / f"mergekit-{method}.yml"
+                conf.write_text(json.dumps(mk_config, indent=2))  # JSON is YAML
+                cmd = [str(mergekit), str(conf), str(out), "--lazy-unpickle", "--random-seed", "0"]
+            warm(used)
+            wall, peak, code = timed(cmd, logs / f"{tool}-{method}.log")
+            if code != 0:
+                sys.exit(f"{tool} {method} failed (exit {code}); see {logs / f'{tool}-{method}.log'}")
+            results[tool] = (wall, peak)
+            print(f"  {method:<10} {tool:<8} {wall:7.1f} s  {peak / 1e9:5.2f} GB", flush=True)
+        agree = "-"
+        if mergekit:
+            agree = agreement(out_root / f"polyft-{method}", out_root / f"mergekit-{method}", sample)
+        rows.append((method, results, agree))
+        for tool in results:
+            shutil.rmtree(out_root / f"{tool}-{method}", ignore_errors=True)
+    # the floor: copying one input model (the size of every output)
+    dst = out_root / "copy"
+    shutil.rmtree(dst, ignore_errors=True)
+    warm(models[1:2])
+    copy_wall, _, _ = timed(["cp", "-r", str(models[1]), str(dst)], logs / "copy.log")
+    shutil.rmtree(dst, ignore_errors=True)
+    size = sum(f.stat().st_size for f in models[1].glob("*.safetensors"))
+
+    print(f"\ninputs: 3 random bf16 Llama checkpoints of {size / 1e9:.2f} GB (hidden 2048, 16 layers, "
+          f"vocab 32000); {os.cpu_count()} CPUs; warm page cache")
+    head = f"{'method':<11}{'polyft s':>9}{'mergekit s':>11}{'ratio':>7}{'polyft GB':>10}{'mergekit GB':>12}" \
+           f"{'ratio':>7}{'max|diff|':>10}"
+    print(head + "\n" + "-" * len(head))
+    for method, r, agree in rows:
+        pw, pm = r["polyft"]
+        mw, mm = r.get("mergekit", (float("nan"), float("nan")))
+        print(f"{method:<11}{pw:9.1f}{mw:11.1f}{pw / mw:7.2f}{pm / 1e9:10.2f}{mm / 1e9:12.2f}{pm / mm:7.2f}"
+              f"{agree:>10}")
+    print(f"plain copy of one input model (cp -r, the floor): {copy_wall:.2f} s")
+    for method, r, _ in rows:
+        if method == "layer_swap":
+            print(f"layer_swap / copy: {r['polyft'][0] / copy_wall:.2f}")
+
+
+if __name__ == "__main__":
+    main()

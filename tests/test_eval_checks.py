@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,17 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli, case):
     assert_user_error(proc, *words)
     assert not out.exists()
     assert sorted(p.name for p in (cli.cwd / "outputs").iterdir()) == before  # no runs/, no eval-data/
+
+
+def test_checks_import_no_heavy_library(tmp_path):
+    """Refusals come before torch, lm-eval, datasets or transformers are imported."""
+    code = ("import sys, runpy; sys.argv = ['polyft', 'eval', 'eval=mgsm', 'eval.langs=[sw]']\n"
+            "try:\n    runpy.run_module('polyft.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lm_eval', 'datasets', 'transformers'}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "juletxara/mgsm" in proc.stderr and "offline" in proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_output_dir_holding_something_else_is_refused(cli):

@@ -40,6 +40,10 @@ def resolve_ref(cfg, ref: str, build: bool = True) -> str:
     otherwise an existing path. (Experiment artifact names will resolve here too.)"""
     if ref == "base":
         return resolve_model_path(cfg.model, cfg.output_root, cfg.offline, build=build)
+    if ref in cfg.experts or ref in cfg.baselines or ref == (cfg.merge.name or cfg.merge.method):
+        from polyft.experiment import resolve_ref as experiment_ref
+
+        return str(experiment_ref(cfg, ref))
     path = Path(os.path.expanduser(ref))
     if path.exists():
         return str(path.resolve())

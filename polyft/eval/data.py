@@ -121,7 +121,7 @@ def plan_data(specs: list[TaskSpec], *, data_dir: str | None, demo_root: Path, o
     for spec in specs:
         if spec.family is not None:
             spec.overrides["task"] = spec.name
-            config = spec.family.langs[spec.lang]
+            config = spec.family.langs[spec.family_lang]
             if spec.family.generator:
                 demo_files(spec, demo_root)
                 continue
@@ -196,7 +196,7 @@ def write_demo_data(spec: TaskSpec) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
         try:
             for split, n, seed in (("test", DEMO_TEST_ROWS, DEMO_SEED), ("train", DEMO_FEWSHOT_ROWS, DEMO_SEED + 1)):
-                rows = demo_rows(spec.family, spec.lang, n, seed)
+                rows = demo_rows(spec.family, spec.family_lang, n, seed)
                 (tmp / f"{split}.jsonl").write_text(
                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
             os.rename(tmp, directory)

@@ -184,6 +184,8 @@ class HFModels:
 
 def release() -> None:
     """Drop the kept model (another base is next)."""
+    if not _KEPT:
+        return  # a full gc pass over a freshly imported torch stack costs ~0.4 s
     _KEPT.clear()
     gc.collect()
     import torch

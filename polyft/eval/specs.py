@@ -84,6 +84,12 @@ class TaskSpec:
             return self.num_fewshot
         return int(self.config.get("num_fewshot") or 0)
 
+    @property
+    def family_lang(self) -> str | None:
+        """The language a polyft family task is built for: its name's suffix (the row label
+        `lang` may be set to something else in the suite)."""
+        return self.name[len(self.family.prefix) + 1:] if self.family is not None else None
+
     def get(self, key: str, default: Any = None) -> Any:
         """A config value as the generated task will have it (polyft's overrides first)."""
         return self.overrides[key] if key in self.overrides else self.config.get(key, default)

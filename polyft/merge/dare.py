@@ -1,9 +1,11 @@
 """DARE (Yu et al., 2024): drop each task-vector entry with probability 1 - density and
 rescale the survivors by 1/density, then add (dare_linear) or TIES-merge (dare_ties).
 
-The drop mask of model i for tensor `name` comes from its own generator seeded with
-tensor_seed(seed, name, i), so a merge is reproducible for a seed whatever the order or
-chunking in which tensors are processed, and each model drops different entries.
+Randomness is fixed per block of BLOCK_ROWS rows: the keep mask of model i for rows
+[b * BLOCK_ROWS, (b + 1) * BLOCK_ROWS) of tensor `name` is
+torch.rand(BLOCK_ROWS, row_size, generator=manual_seed(tensor_seed(seed, name, i, b))) < density
+(the tensor seen as rows x the rest; a 1-D tensor has rows of one entry). So a merge is
+reproducible for a seed whatever order or block size the engine uses, and models differ.
 """
 
 from __future__ import annotations
@@ -13,39 +15,52 @@ import hashlib
 from polyft.merge.registry import register
 from polyft.merge.ties import agrees, disjoint_mean, elect_sign
 
+BLOCK_ROWS = 64
 
-def tensor_seed(seed: int, name: str, index: int) -> int:
-    """A 63-bit seed from (merge.seed, tensor name, model index)."""
-    digest = hashlib.sha256(f"{seed}:{name}:{index}".encode()).digest()
+
+def tensor_seed(seed: int, name: str, index: int, block: int) -> int:
+    """A 63-bit seed from (merge.seed, tensor name, model index, row block)."""
+    digest = hashlib.sha256(f"{seed}:{name}:{index}:{block}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def drop_and_rescale(tv, density: float, seed: int):
-    """Keep each entry with probability `density` (uniform draw < density), scaled by 1/density."""
+def keep_mask(shape, row0: int, density: float, seed: int, name: str, index: int):
+    """The keep mask of rows [row0, row0 + shape[0]) of a tensor (shape: rows x the rest)."""
     import torch
 
-    if density >= 1:
-        return tv
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.rand(tv.shape, generator=g) < density
-    return tv.mul_(keep).div_(density)
+    rows = shape[0] if len(shape) else 1
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    first, last = row0 // BLOCK_ROWS, (row0 + rows - 1) // BLOCK_ROWS
+    g = torch.Generator()
+    draws = torch.cat([torch.rand(BLOCK_ROWS, cols, generator=g.manual_seed(tensor_seed(seed, name, index, b)))
+                       for b in range(first, last + 1)])
+    skip = row0 - first * BLOCK_ROWS
+    return (draws[skip:skip + rows] < density).reshape(shape)
 
 
-def sparse_task_vectors(tensors, base, density, seed, name):
-    return [drop_and_rescale(t - base, density, tensor_seed(seed, name, i)) for i, t in enumerate(tensors)]
+def sparse_task_vectors(tensors, base, density, seed, name, row0):
+    out = []
+    for i, t in enumerate(tensors):
+        tv = t - base
+        if density < 1:
+            tv.mul_(keep_mask(tv.shape, row0, density, seed, name, i)).div_(density)
+        out.append(tv)
+    return out
 
 
-@register("dare_linear", params=("weights", "scale", "density", "seed", "name"), needs_base=True)
-def dare_linear(tensors, base, *, weights, scale, density, seed, name):
+@register("dare_linear", params=("weights", "scale", "density", "seed", "name", "row0"), needs_base=True)
+def dare_linear(tensors, base, *, weights, density, name, scale=1.0, seed=0, row0=0):
     delta = base.new_zeros(base.shape)
-    for v, w in zip(sparse_task_vectors(tensors, base, density, seed, name), weights):
+    for v, w in zip(sparse_task_vectors(tensors, base, density, seed, name, row0), weights):
         delta.add_(v, alpha=w)
     return delta.mul_(scale).add_(base)
 
 
-@register("dare_ties", params=("weights", "scale", "density", "seed", "name"), needs_base=True)
-def dare_ties(tensors, base, *, weights, scale, density, seed, name):
-    sparse = sparse_task_vectors(tensors, base, density, seed, name)
+@register("dare_ties", params=("weights", "scale", "density", "seed", "name", "row0"), needs_base=True)
+def dare_ties(tensors, base, *, weights, density, name, scale=1.0, seed=0, row0=0):
+    sparse = sparse_task_vectors(tensors, base, density, seed, name, row0)
     sign = elect_sign(sparse, weights)
     merged = disjoint_mean(sparse, weights, [agrees(v, sign) for v in sparse])
     return merged.mul_(scale).add_(base)

@@ -3,16 +3,20 @@
 The library entry point: plain paths and a small dataclass in, a directory of safetensors
 shards (plus config and tokenizer files) out. No Hydra here.
 
-Work is split over three threads so that two cores stay busy: a reader maps the next
-tensor of every input and converts it to fp32, the calling thread runs the method, and a
-writer casts the result to the output dtype and writes it at its planned offset. At most
-one tensor is in each stage, so peak memory is a few times (largest tensor x inputs).
-Tensors that a method takes unchanged from one input (layer swapping) are copied file to
-file by a fourth thread, which starts before torch is even imported.
+Each tensor is memory-mapped from every input and processed in blocks of rows: a reader
+thread converts the next blocks to fp32, the calling thread runs the method, a writer
+thread casts the result to the output dtype and writes it at its planned offset. Memory is
+then a few blocks plus the mapped pages of the current tensors (largest tensor x inputs
+at most), and the blocks stay in cache. Tensors that a method takes unchanged from one
+input (layer swapping) are copied file to file by another thread, which starts before
+torch is even imported.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import queue
 import re
 import threading
 import time
@@ -25,6 +29,9 @@ from polyft.merge import io, registry
 
 # The layer index of a tensor name: model.layers.7.mlp..., transformer.h.7..., blocks.7...
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+# Entries per block of rows that a method sees at a time: a few such blocks of every input
+# fit in the CPU caches, and memory stays flat whatever the tensor sizes.
+BLOCK_ENTRIES = 1 << 18
 VOCAB_HINT = ("set merge.vocab=first to keep the first model's vocabulary (rows a model lacks "
               "are taken from the first model, extra rows are dropped)")
 
@@ -38,7 +45,7 @@ class MergeSpec:
     dtype: str | None = None  # float32 | bfloat16 | float16; None: the inputs' dtype
     shard_size: int = 2_000_000_000
     config_source: Path | None = None  # default: models[0]
-    tokenizer_source: Path | None = None  # default: models[0]
+    tokenizer_source: Path | None = None  # default: the first model (then base) that has one
     vocab: str = "strict"  # strict | first
     adapter_bases: dict = field(default_factory=dict)  # adapter dir -> its base model dir
     allow_pickle: bool = False
@@ -93,9 +100,11 @@ def method_kwargs(method: registry.Method, params: dict, n_models: int, name: st
         elif p == "weights":
             weights = params.get("weights") or [1.0] * n_models
             kwargs[p] = [float(resolve_scalar(w, layer, n_layers)) for w in weights]
+        elif p not in params or p == "mix":
+            continue  # the function's own default
         elif p in registry.GRADIENT_PARAMS:
             kwargs[p] = float(resolve_scalar(params[p], layer, n_layers))
-        elif p != "mix":
+        else:
             kwargs[p] = params[p]
     return kwargs
 
@@ -126,8 +135,7 @@ def compare_layouts(checkpoints: list[tuple[str, io.Checkpoint]], vocab: str = "
         for name, a in ref.tensors.items():
             b = ck.tensors[name]
             if a.shape != b.shape:
-                rows_only = len(a.shape) == 2 and a.shape[1:] == b.shape[1:]
-                if not rows_only:
+                if not _is_vocab_difference(name, a.shape, b.shape, ref.config, ck.config):
                     raise PolyftError(f"tensor {name} has shape {list(a.shape)} in {ref_label} but "
                                       f"{list(b.shape)} in {label}; models of different shapes cannot be merged")
                 if vocab != "first":
@@ -139,13 +147,23 @@ def compare_layouts(checkpoints: list[tuple[str, io.Checkpoint]], vocab: str = "
     return list(ref.tensors)
 
 
+def _is_vocab_difference(name: str, a: tuple, b: tuple, conf_a: dict, conf_b: dict) -> bool:
+    """Shapes that differ only in their rows, where the rows are the models' vocabularies
+    (config vocab_size; without one, a tensor named like an embedding or lm_head)."""
+    if len(a) != 2 or a[1:] != b[1:]:
+        return False
+    va, vb = conf_a.get("vocab_size"), conf_b.get("vocab_size")
+    if va and vb:
+        return a[0] == va and b[0] == vb
+    return any(w in name for w in ("embed", "lm_head", "wte", "output"))
+
+
 def plan_jobs(spec: MergeSpec, method: registry.Method, inputs: list[io.Checkpoint],
               names: list[str]) -> tuple[list[Job], int]:
     ref = inputs[0]
     n_layers = count_layers(names)
     wanted = io.DTYPE_NAMES[spec.dtype] if spec.dtype else None
-    route_params = {k: spec.params[k] for k in ("bottom", "top", "transition_bottom", "transition_top",
-                                                  "blend", "non_layer") if k in spec.params}
+    route_params = {k: spec.params[k] for k in method.config_keys() if k not in method.params and k in spec.params}
     jobs = []
     for name in names:
         info = ref.tensors[name]
@@ -168,6 +186,33 @@ def plan_jobs(spec: MergeSpec, method: registry.Method, inputs: list[io.Checkpoi
                 job.raw = raw
         jobs.append(job)
     return jobs, n_layers
+
+
+@contextlib.contextmanager
+def reusable_heap():
+    """Keep freed tensor memory in the process for the next tensor (glibc only).
+
+    Every tensor of a merge is a fresh allocation of tens to hundreds of MB; by default glibc
+    maps each from the kernel and unmaps it when freed, so every page is faulted in and
+    zeroed again, which costs more than the arithmetic (a bf16 -> fp32 conversion runs 10x
+    slower). One arena without mmap thresholds lets the next tensor reuse the last one's
+    memory; on exit the defaults are restored and the heap is trimmed."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        yield
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+    libc.mallopt(M_ARENA_MAX, 1)
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
 
 
 def merge_models(spec: MergeSpec, out_dir: str | Path) -> dict:
@@ -197,13 +242,14 @@ def merge_models(spec: MergeSpec, out_dir: str | Path) -> dict:
         with ThreadPoolExecutor(1, "polyft-copy") as copier:
             copied = copier.submit(copy_all, raw_jobs)
             if compute_jobs:
-                _compute(spec, method, inputs, base, compute_jobs, n_layers, writer, stats)
+                with reusable_heap():
+                    _compute(spec, method, inputs, base, compute_jobs, n_layers, writer, stats)
             copied.result()
     finally:
         stop.set()
     shards = writer.finish()
     config_dir = _side_dirs(spec.config_source or spec.models[0], inputs, spec)[0]
-    tokenizer_dir = _side_dirs(spec.tokenizer_source or spec.models[0], inputs, spec)[1]
+    tokenizer_dir = _side_dirs(spec.tokenizer_source or _first_with_tokenizer(spec), inputs, spec)[1]
     side = io.copy_side_files(out_dir, config_dir, tokenizer_dir,
                               io.DTYPE_NAMES[spec.dtype] if spec.dtype else None)
     result = {"method": spec.method, "tensors": len(jobs), "copied_tensors": len(raw_jobs),
@@ -214,8 +260,91 @@ def merge_models(spec: MergeSpec, out_dir: str | Path) -> dict:
     return result
 
 
+class _Prefetch:
+    """Runs an iterator in a thread, a few items ahead; its exceptions surface here."""
+
+    def __init__(self, iterator, depth: int):
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(iterator,), name="polyft-read", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, iterator) -> None:
+        try:
+            for item in iterator:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # handed to the consumer
+            self._put(("error", exc))
+
+    def __iter__(self):
+        while True:
+            kind, item = self.queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+class _Sink:
+    """Applies `fn` to submitted items in a thread, a few items behind; errors surface here."""
+
+    def __init__(self, fn, depth: int):
+        self.fn, self.error = fn, None
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.thread = threading.Thread(target=self._run, name="polyft-write", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.fn(*item)
+                except BaseException as exc:
+                    self.error = exc
+
+    def put(self, *item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """Row ranges of about BLOCK_ENTRIES entries (whole rows, a multiple of 64 when >= 64)."""
+    step = max(1, BLOCK_ENTRIES // max(cols, 1))
+    if step >= 64:
+        step -= step % 64
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _as_rows(t):
+    """A tensor seen as rows x the rest (a view)."""
+    return t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+
+
 def _compute(spec, method, inputs, base, jobs, n_layers, writer, stats) -> None:
-    """The read -> compute -> write pipeline over the jobs that are not plain copies."""
+    """read -> compute -> write, block by block, over the jobs that are not file copies."""
     import torch
 
     ref = inputs[0]
@@ -223,53 +352,72 @@ def _compute(spec, method, inputs, base, jobs, n_layers, writer, stats) -> None:
     def fit_rows(t, name):
         """vocab=first: the first model's number of rows (its rows fill a shorter tensor)."""
         rows = ref.tensors[name].shape[0]
-        if t.shape[0] == rows:
-            return t
         if t.shape[0] > rows:
             return t[:rows]
-        return torch.cat([t, ref.load(name)[t.shape[0]:].float()])
+        if t.shape[0] < rows:
+            return torch.cat([t, ref.load(name)[t.shape[0]:].to(t.dtype)])
+        return t
 
-    def read(i, name):
-        t = inputs[i].load(name)
-        return fit_rows(t.float(), name) if t.is_floating_point() else t
+    def open_job(job):
+        """The job's input tensors as memory-mapped rows x rest views (None: not read)."""
+        used = [job.take] if job.take is not None else \
+            [i for i in range(len(inputs)) if job.mix is None or job.mix[i] != 0]
+        views = [_as_rows(fit_rows(inputs[i].load(job.name), job.name)) if i in used else None
+                 for i in range(len(inputs))]
+        base_view = None
+        if method.needs_base and job.take is None:
+            base_view = _as_rows(fit_rows(base.load(job.name), job.name))
+        return views, base_view
 
-    def load(job):
-        if job.take is not None:
-            return [read(job.take, job.name)], None
-        tensors = [read(i, job.name) if job.mix is None or job.mix[i] != 0 else None
-                   for i in range(len(inputs))]
-        base_t = None
-        if method.needs_base:
-            base_t = base.load(job.name).float()
-            base_t = fit_rows(base_t, job.name)
-        return tensors, base_t
+    def blocks(job, views, base_view, convert=True):
+        ref_view = next(v for v in views if v is not None)
+        for r0, r1 in row_blocks(*ref_view.shape):
+            xs = [None if v is None else (v[r0:r1].float() if convert else v[r0:r1]) for v in views]
+            yield r0, xs, None if base_view is None else base_view[r0:r1].float()
 
-    def compute(job, tensors, base_t):
-        if job.take is not None:
-            return tensors[0]
-        kwargs = method_kwargs(method, spec.params, len(inputs), job.name, job.layer, n_layers, stats)
-        if "mix" in method.params:
-            kwargs["mix"] = job.mix
-        return method.fn(tensors, base_t, **kwargs)
+    def produce():
+        for job in jobs:
+            views, base_view = open_job(job)
+            for r0, xs, bx in blocks(job, views, base_view, convert=job.take is None):
+                yield job, views, base_view, r0, xs, bx
 
-    def write(job, out):
-        writer.write(job.name, out.to(io.torch_dtype(job.out.dtype)))
+    def write(job, r0, out):
+        row_bytes = job.out.nbytes // max(job.out.shape[0], 1) if job.out.shape else job.out.nbytes
+        writer.write(job.name, out.to(io.torch_dtype(job.out.dtype)), r0 * row_bytes)
 
-    with ThreadPoolExecutor(1, "polyft-read") as reader, ThreadPoolExecutor(1, "polyft-write") as wr:
-        nxt = reader.submit(load, jobs[0])
-        pending = None
-        for k, job in enumerate(jobs):
-            tensors, base_t = nxt.result()
-            if k + 1 < len(jobs):
-                nxt = reader.submit(load, jobs[k + 1])
-            out = compute(job, tensors, base_t)
-            del tensors, base_t
-            if pending is not None:
-                pending.result()  # one tensor in the writer at a time bounds memory
-            pending = wr.submit(write, job, out)
-            del out
-        if pending is not None:
-            pending.result()
+    # The reader, this thread and the writer already keep both cores busy; torch's own
+    # thread pool on top would spin-wait against them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reader, sink = _Prefetch(produce(), depth=4), _Sink(write, depth=4)
+    current, kwargs = None, {}
+    try:
+        for job, views, base_view, r0, xs, bx in reader:
+            if job is not current:
+                current = job
+                if job.take is None:
+                    kwargs = method_kwargs(method, spec.params, len(inputs), job.name, job.layer, n_layers, stats)
+                    if "mix" in method.params:
+                        kwargs["mix"] = job.mix
+                    if method.prepare is not None:
+                        numel = 1
+                        for d in job.out.shape:
+                            numel *= d
+                        kwargs.update(method.prepare(
+                            lambda: ((xs_, bx_) for _, xs_, bx_ in blocks(job, views, base_view)),
+                            numel=numel, **kwargs))
+            if job.take is not None:
+                out = xs[job.take]
+            else:
+                if "row0" in method.params:
+                    kwargs["row0"] = r0
+                out = method.fn(xs, bx, **kwargs)
+            sink.put(job, r0, out)
+            del out, xs, bx
+    finally:
+        reader.close()
+        sink.close()
+        torch.set_num_threads(threads)
 
 
 def _side_dirs(source: Path, inputs, spec) -> tuple[Path, Path]:
@@ -280,3 +428,11 @@ def _side_dirs(source: Path, inputs, spec) -> tuple[Path, Path]:
         return source, source
     base = spec.adapter_bases.get(str(source)) or io.adapter_base_ref(source)
     return Path(base), source if io.has_tokenizer(source) else Path(base)
+
+
+def _first_with_tokenizer(spec) -> Path:
+    candidates = list(spec.models) + ([spec.base] if spec.base else [])
+    for c in candidates:
+        if io.has_tokenizer(_side_dirs(c, None, spec)[1]):
+            return c
+    return spec.models[0]

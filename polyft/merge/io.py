@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,6 +311,8 @@ class ShardWriter:
         self.fds: list[int] = []
         self.names = [shard_name(k, len(self.shards)) for k in range(len(self.shards))]
         self.pending = set()
+        self.written: dict[str, int] = {}
+        self.lock = threading.Lock()
         self.sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
         for k, shard in enumerate(self.shards):
             # Wider elements first, so every tensor starts at a multiple of its element size.
@@ -336,16 +339,21 @@ class ShardWriter:
         if self.sleep:
             time.sleep(self.sleep)
 
-    def write(self, name: str, tensor) -> None:
-        """Write `tensor` (already in the planned dtype) at its place."""
+    def write(self, name: str, tensor, start: int = 0) -> None:
+        """Write `tensor` (in the planned dtype; the whole tensor or a part of it that begins
+        `start` bytes into it) at its place."""
         t = self.by_name[name]
         data = tensor.contiguous().reshape(-1).view(_u8()).numpy()
-        if data.nbytes != t.nbytes:
-            raise RuntimeError(f"{name}: {data.nbytes} bytes computed, {t.nbytes} planned")
+        if start + data.nbytes > t.nbytes:
+            raise RuntimeError(f"{name}: bytes {start}..{start + data.nbytes} written, {t.nbytes} planned")
         view, pos = memoryview(data), 0
-        while pos < t.nbytes:
-            pos += os.pwrite(self.fds[t.shard], view[pos:], t.offset + pos)
-        self._done(name)
+        while pos < data.nbytes:
+            pos += os.pwrite(self.fds[t.shard], view[pos:], t.offset + start + pos)
+        with self.lock:
+            self.written[name] = self.written.get(name, 0) + data.nbytes
+            complete = self.written[name] == t.nbytes
+        if complete:
+            self._done(name)
 
     def copy(self, name: str, src: TensorInfo) -> None:
         """Copy a tensor's bytes straight from an input file."""

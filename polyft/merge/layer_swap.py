@@ -31,8 +31,8 @@ def zone(layer: int, n_layers: int, bottom: int, top: int, transition_bottom: in
     return "middle"
 
 
-def mix(layer: int | None, n_layers: int, *, bottom: int, top: int, transition_bottom: int,
-        transition_top: int, blend, non_layer: str) -> tuple[float, float]:
+def mix(layer: int | None, n_layers: int, *, bottom: int = 0, top: int = 0, transition_bottom: int = 0,
+        transition_top: int = 0, blend=(0.5, 0.5), non_layer: str = "average") -> tuple[float, float]:
     """(weight of middle, weight of outer) for a tensor of `layer` (None: not in a layer)."""
     w_middle, w_outer = (float(w) for w in blend)
     blended = (w_middle / (w_middle + w_outer), w_outer / (w_middle + w_outer))

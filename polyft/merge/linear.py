@@ -15,7 +15,7 @@ def weighted_sum(tensors, weights):
 
 
 @register("linear", params=("weights", "normalize"))
-def linear(tensors, base=None, *, weights, normalize):
+def linear(tensors, base=None, *, weights, normalize=True):
     out = weighted_sum(tensors, weights)
     if normalize:
         total = sum(weights)

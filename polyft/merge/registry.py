@@ -11,6 +11,13 @@ for this tensor (`name`: the tensor's name, `stats`: a dict the method may add c
 A function returns the merged tensor and must not modify its inputs, which can be
 memory-mapped views of the checkpoint files.
 
+The engine calls a function on row blocks of a tensor (2-D views: rows x the rest), so
+that memory stays at a few blocks and the arithmetic runs in cache. A method whose result
+at an entry depends on the whole tensor (TIES' top-k, SLERP's angle) registers `prepare`:
+`prepare(chunks, numel=..., **params)` streams the blocks (`chunks()` yields
+(tensors, base) per block, every time it is called) and returns extra keyword arguments
+for the per-block calls. Called on whole tensors, each function computes them itself.
+
 Method modules import torch inside their functions, so listing the registered names (the
 CLI's config checks) does not import torch.
 """
@@ -18,6 +25,7 @@ CLI's config checks) does not import torch.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,16 +53,26 @@ class Method:
     route: Callable | None = None
     # Optional: (summed stats) -> diagnostics for the manifest and run.json.
     summary: Callable | None = None
+    # Optional: whole-tensor quantities for the per-block calls (see the module doc).
+    prepare: Callable | None = None
+
+    def config_keys(self) -> tuple[str, ...]:
+        """The merge.* keys this method reads (the function's and the route's)."""
+        keys = [p for p in self.params if p not in ("name", "stats", "mix", "row0")]
+        if self.route is not None:
+            keys += [p.name for p in inspect.signature(self.route).parameters.values()
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        return tuple(keys)
 
 
 def register(name: str, *, params: tuple[str, ...] = (), needs_base: bool = False,
              min_models: int = 1, max_models: int | None = None, route: Callable | None = None,
-             summary: Callable | None = None) -> Callable:
+             summary: Callable | None = None, prepare: Callable | None = None) -> Callable:
     def decorate(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
         _METHODS[name] = Method(name, fn, tuple(params), needs_base, min_models, max_models,
-                                route, summary)
+                                route, summary, prepare)
         return fn
 
     return decorate

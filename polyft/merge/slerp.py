@@ -14,11 +14,20 @@ from polyft.merge.registry import register
 PARALLEL = 1 - 1e-6
 
 
-@register("slerp", params=("t",), min_models=2, max_models=2)
-def slerp(tensors, base=None, *, t):
+def prepare_cosine(chunks, **_) -> dict:
+    """Engine hook: the cosine between the two whole tensors, accumulated in float64."""
+    dot = na = nb = 0.0
+    for (a, b), _base in chunks():
+        a, b = a.double().flatten(), b.double().flatten()
+        dot, na, nb = dot + float(a @ b), na + float(a @ a), nb + float(b @ b)
+    return {"cos": dot / math.sqrt(na * nb) if na and nb else 1.0}
+
+
+@register("slerp", params=("t",), min_models=2, max_models=2, prepare=prepare_cosine)
+def slerp(tensors, base=None, *, t=0.5, cos=None):
     a, b = tensors
-    na, nb = float(a.norm()), float(b.norm())
-    cos = float((a.flatten().double() @ b.flatten().double()) / (na * nb)) if na and nb else 1.0
+    if cos is None:
+        cos = prepare_cosine(lambda: iter([(tensors, None)]))["cos"]
     cos = max(-1.0, min(1.0, cos))
     if abs(cos) > PARALLEL:
         return a * (1 - t) + b * t

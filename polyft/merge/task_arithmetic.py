@@ -10,7 +10,7 @@ def task_vectors(tensors, base):
 
 
 @register("task_arithmetic", params=("weights", "scale"), needs_base=True)
-def task_arithmetic(tensors, base, *, weights, scale):
+def task_arithmetic(tensors, base, *, weights, scale=1.0):
     delta = base.new_zeros(base.shape)
     for t, w in zip(tensors, weights):
         delta.add_(t - base, alpha=w)

@@ -16,17 +16,17 @@ top-k (non-zero) entries that survive into the merge, goes to the manifest and r
 from __future__ import annotations
 
 from polyft.merge.registry import register
-from polyft.merge.ties import agrees, disjoint_mean, elect_sign, trimmed_task_vectors
+from polyft.merge.ties import agrees, disjoint_mean, elect_sign, prepare_thresholds, trimmed_task_vectors
 
 SFT = 0  # index of the SFT model in merge.models
 
 
 @register("ties_sv", params=("weights", "scale", "density", "slack", "stats"), needs_base=True,
-          min_models=2, summary=lambda s: {
+          min_models=2, prepare=prepare_thresholds, summary=lambda s: {
               "sft_topk_kept_fraction": s["sft_kept"] / s["sft_topk"] if s.get("sft_topk") else None,
               "sft_topk_entries": s.get("sft_topk", 0), "sft_rescued_by_slack": s.get("sft_rescued", 0)})
-def ties_sv(tensors, base, *, weights, scale, density, slack, stats):
-    trimmed, masks = trimmed_task_vectors(tensors, base, density)
+def ties_sv(tensors, base, *, weights, density, stats, scale=1.0, slack=0.1, thresholds=None):
+    trimmed, masks = trimmed_task_vectors(tensors, base, density, thresholds)
     sign = elect_sign(trimmed, weights)
     keep = [agrees(v, sign) for v in trimmed]
     ct = trimmed[:SFT] + trimmed[SFT + 1:]

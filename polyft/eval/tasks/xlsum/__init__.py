@@ -1,0 +1,1 @@
+"""XL-Sum with ROUGE-L: xlsum.yaml and its utilities (utils.py)."""
