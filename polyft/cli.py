@@ -96,9 +96,10 @@ def _schema_keys(dotted: str) -> list[str] | None:
 def explain(exc: BaseException) -> str:
     """Turn a Hydra/OmegaConf composition error into one line naming the key."""
     text = str(exc)
-    while exc.__cause__ is not None and len(text) < 5:
-        exc = exc.__cause__
-        text = str(exc)
+    cause = exc.__cause__
+    while cause is not None:  # Hydra wraps the OmegaConf error that names the key
+        text += "\n" + str(cause)
+        cause = cause.__cause__
     m = re.search(r"Could not find '([^']+)/([^']+)'.*?Available options in '[^']+':(.*?)(Config search path|$)",
                   text, re.S)
     if m:
@@ -112,8 +113,9 @@ def explain(exc: BaseException) -> str:
         key = m.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         allowed = _schema_keys(parent)
-        hint = f"; allowed keys under {parent or 'the root'}: {', '.join(allowed)}" if allowed else ""
-        return f"{key}: unknown key{hint}"
+        if allowed:
+            return f"{key}: unknown key; allowed keys under {parent or 'the root'}: {', '.join(allowed)}"
+        return f"{key}: not in the config; to add a new entry to a mapping use +{key}=VALUE"
     m = re.search(r"Value '([^']*)' (?:of type '[^']+' )?(?:could not be converted to|is not a valid value for) (\w+)",
                   text)
     k = re.search(r"full_key: (\S+)", text)

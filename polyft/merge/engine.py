@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import queue
 import re
 import threading
@@ -137,10 +138,11 @@ def compare_layouts(checkpoints: list[tuple[str, io.Checkpoint]], vocab: str = "
             if a.shape != b.shape:
                 if not _is_vocab_difference(name, a.shape, b.shape, ref.config, ck.config):
                     raise PolyftError(f"tensor {name} has shape {list(a.shape)} in {ref_label} but "
-                                      f"{list(b.shape)} in {label}; models of different shapes cannot be merged")
+                                      f"{list(b.shape)} in {label}; models of different shapes cannot "
+                                      "be merged")
                 if vocab != "first":
-                    raise PolyftError(f"tensor {name} has {a.shape[0]} rows in {ref_label} but {b.shape[0]} in "
-                                      f"{label}: the vocabularies differ; {VOCAB_HINT}")
+                    raise PolyftError(f"tensor {name} has {a.shape[0]} rows in {ref_label} but "
+                                      f"{b.shape[0]} in {label}: the vocabularies differ; {VOCAB_HINT}")
             if a.dtype != b.dtype:
                 raise PolyftError(f"tensor {name} is {a.dtype} in {ref_label} but {b.dtype} in {label}; "
                                   "convert the models to one dtype first")
@@ -163,7 +165,8 @@ def plan_jobs(spec: MergeSpec, method: registry.Method, inputs: list[io.Checkpoi
     ref = inputs[0]
     n_layers = count_layers(names)
     wanted = io.DTYPE_NAMES[spec.dtype] if spec.dtype else None
-    route_params = {k: spec.params[k] for k in method.config_keys() if k not in method.params and k in spec.params}
+    route_params = {k: spec.params[k] for k in method.config_keys()
+                    if k not in method.params and k in spec.params}
     jobs = []
     for name in names:
         info = ref.tensors[name]
@@ -199,20 +202,21 @@ def reusable_heap():
     memory; on exit the defaults are restored and the heap is trimmed."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim
+        mallopt, trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to tune
         yield
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-    libc.mallopt(M_ARENA_MAX, 1)
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    mallopt(M_ARENA_MAX, 1)
+    mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
-        libc.malloc_trim(0)
+        mallopt(M_ARENA_MAX, 0)  # 0: glibc's own choice again
+        mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+        trim(0)
 
 
 def merge_models(spec: MergeSpec, out_dir: str | Path) -> dict:
@@ -241,13 +245,17 @@ def merge_models(spec: MergeSpec, out_dir: str | Path) -> dict:
     try:
         with ThreadPoolExecutor(1, "polyft-copy") as copier:
             copied = copier.submit(copy_all, raw_jobs)
-            if compute_jobs:
-                with reusable_heap():
-                    _compute(spec, method, inputs, base, compute_jobs, n_layers, writer, stats)
+            try:
+                if compute_jobs:
+                    with reusable_heap():
+                        _compute(spec, method, inputs, base, compute_jobs, n_layers, writer, stats)
+            except BaseException:
+                stop.set()  # do not finish copying for a merge that failed
+                raise
             copied.result()
+        shards = writer.finish()
     finally:
-        stop.set()
-    shards = writer.finish()
+        writer.close()
     config_dir = _side_dirs(spec.config_source or spec.models[0], inputs, spec)[0]
     tokenizer_dir = _side_dirs(spec.tokenizer_source or _first_with_tokenizer(spec), inputs, spec)[1]
     side = io.copy_side_files(out_dir, config_dir, tokenizer_dir,
@@ -369,7 +377,7 @@ def _compute(spec, method, inputs, base, jobs, n_layers, writer, stats) -> None:
             base_view = _as_rows(fit_rows(base.load(job.name), job.name))
         return views, base_view
 
-    def blocks(job, views, base_view, convert=True):
+    def blocks(views, base_view, convert=True):
         ref_view = next(v for v in views if v is not None)
         for r0, r1 in row_blocks(*ref_view.shape):
             xs = [None if v is None else (v[r0:r1].float() if convert else v[r0:r1]) for v in views]
@@ -378,8 +386,20 @@ def _compute(spec, method, inputs, base, jobs, n_layers, writer, stats) -> None:
     def produce():
         for job in jobs:
             views, base_view = open_job(job)
-            for r0, xs, bx in blocks(job, views, base_view, convert=job.take is None):
+            for r0, xs, bx in blocks(views, base_view, convert=job.take is None):
                 yield job, views, base_view, r0, xs, bx
+
+    def start(job, views, base_view) -> dict:
+        """The method's keyword arguments for one tensor, whole-tensor quantities included."""
+        kwargs = method_kwargs(method, spec.params, len(inputs), job.name, job.layer, n_layers, stats)
+        if "mix" in method.params:
+            kwargs["mix"] = job.mix
+        if method.prepare is not None:
+            def chunks():
+                return ((xs, bx) for _, xs, bx in blocks(views, base_view))
+
+            kwargs.update(method.prepare(chunks, numel=math.prod(job.out.shape), **kwargs))
+        return kwargs
 
     def write(job, r0, out):
         row_bytes = job.out.nbytes // max(job.out.shape[0], 1) if job.out.shape else job.out.nbytes
@@ -393,22 +413,11 @@ def _compute(spec, method, inputs, base, jobs, n_layers, writer, stats) -> None:
     current, kwargs = None, {}
     try:
         for job, views, base_view, r0, xs, bx in reader:
-            if job is not current:
-                current = job
-                if job.take is None:
-                    kwargs = method_kwargs(method, spec.params, len(inputs), job.name, job.layer, n_layers, stats)
-                    if "mix" in method.params:
-                        kwargs["mix"] = job.mix
-                    if method.prepare is not None:
-                        numel = 1
-                        for d in job.out.shape:
-                            numel *= d
-                        kwargs.update(method.prepare(
-                            lambda: ((xs_, bx_) for _, xs_, bx_ in blocks(job, views, base_view)),
-                            numel=numel, **kwargs))
             if job.take is not None:
                 out = xs[job.take]
             else:
+                if job is not current:
+                    current, kwargs = job, start(job, views, base_view)
                 if "row0" in method.params:
                     kwargs["row0"] = r0
                 out = method.fn(xs, bx, **kwargs)
