@@ -125,6 +125,14 @@ def explain(exc: BaseException) -> str:
     return first[:400]
 
 
+def handler_for(cfg):
+    """The module (or stage) with `check(cfg)` and `command(cfg, record)` for this run.
+    Under an experiment, merge and eval act on all of the experiment's models."""
+    if cfg.command in ("merge", "eval") and (cfg.experts or cfg.baselines):
+        return importlib.import_module("polyft.run").STAGES[cfg.command]
+    return importlib.import_module(HANDLERS[cfg.command])
+
+
 def compose(command: str, overrides: list[str]):
     """The config of one run, as Hydra composes it (hydra.* overrides are Hydra's own)."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -146,7 +154,6 @@ def preflight(command: str, args: list[str], files: bool = True) -> None:
         points = sweep_points(overrides, multirun)
     except (HydraException, OmegaConfBaseException) as exc:
         raise PolyftError(explain(exc)) from None
-    handler = importlib.import_module(HANDLERS[command])
     for point in points:
         point = [o for o in point if not o.lstrip("+~").startswith("hydra")]
         try:
@@ -154,7 +161,7 @@ def preflight(command: str, args: list[str], files: bool = True) -> None:
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
             raise PolyftError(explain(exc)) from None
         validate(cfg)
-        check = getattr(handler, "check", None)
+        check = getattr(handler_for(cfg), "check", None)
         if check is not None and files:
             check(cfg)
 
@@ -166,7 +173,7 @@ def run_command(cfg) -> None:
     from polyft.runs import RunRecord
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    handler = importlib.import_module(HANDLERS[cfg.command])
+    handler = handler_for(cfg)
     record = RunRecord(run_dir, cfg.command, to_container(cfg), seed=cfg.seed)
     try:
         validate(cfg)

@@ -30,19 +30,60 @@ def check(cfg) -> None:
     train.check(cfg)
 
 
-def command(cfg, record) -> None:
-    from polyft import report, train
-    from polyft.eval import command as eval_command
-    from polyft.experiment import eval_models, merge_cfg, merge_names
-    from polyft.merge import command as merge_command
+def _eval_stage_cfg(cfg):
+    from polyft.experiment import eval_models
 
-    train.command(cfg, record)
-    for name in merge_names(cfg):
-        merge_command.command(merge_cfg(cfg, name), record)
     stage = copy.deepcopy(cfg)
     with open_dict(stage):
         stage.eval.models = eval_models(cfg)
-    eval_command.command(stage, record)
+    return stage
+
+
+class MergeStage:
+    """`polyft merge +exp=X`: every merge of the experiment (main, then baselines)."""
+
+    @staticmethod
+    def check(cfg) -> None:
+        from polyft.experiment import merge_cfg, merge_names
+        from polyft.merge import command as merge_command
+
+        for name in merge_names(cfg):
+            merge_command.check(merge_cfg(cfg, name))
+
+    @staticmethod
+    def command(cfg, record) -> None:
+        from polyft.experiment import merge_cfg, merge_names
+        from polyft.merge import command as merge_command
+
+        for name in merge_names(cfg):
+            merge_command.command(merge_cfg(cfg, name), record)
+
+
+class EvalStage:
+    """`polyft eval +exp=X`: base, every expert and every merge (or eval.models)."""
+
+    @staticmethod
+    def check(cfg) -> None:
+        from polyft.eval import command as eval_command
+
+        eval_command.check(_eval_stage_cfg(cfg))
+
+    @staticmethod
+    def command(cfg, record) -> None:
+        from polyft.eval import command as eval_command
+
+        eval_command.command(_eval_stage_cfg(cfg), record)
+
+
+STAGES = {"merge": MergeStage, "eval": EvalStage}
+
+
+def command(cfg, record) -> None:
+    from polyft import report, train
+
+    train.command(cfg, record)
+    MergeStage.command(cfg, record)
+    EvalStage.command(cfg, record)
     record.save()
     rows = report.collect([{**record.as_dict(), "run_dir": str(record.run_dir)}])
     out = Path(record.run_dir) / "report"

@@ -155,8 +155,8 @@ def test_error_task_vector_method_without_base(cli, models):
 
 @pytest.mark.parametrize("density", ["0", "1.5", "[0.5,0]"])
 def test_error_density_outside_unit_interval(cli, models, density):
-    _bad(cli, "merge=dare_ties", f"merge.models=[{models['a']},{models['b']}]", f"merge.base={models['base']}",
-         f"merge.density={density}", words=["merge.density", "(0, 1]"])
+    _bad(cli, "merge=dare_ties", f"merge.models=[{models['a']},{models['b']}]",
+         f"merge.base={models['base']}", f"merge.density={density}", words=["merge.density", "(0, 1]"])
 
 
 def test_error_swap_zones_exceed_layers(cli, models):

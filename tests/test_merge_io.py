@@ -49,8 +49,8 @@ def test_plan_shards_respects_the_size_and_keeps_order():
 def test_shard_writer_any_order_mixed_dtypes_and_raw_copies(tmp_path):
     src = write_model(tmp_path / "src", {"c": torch.arange(6, dtype=torch.int64)})
     info = io.Checkpoint(src).tensors["c"]
-    want = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(7), "odd": torch.ones(3, dtype=torch.float16),
-            "c": torch.arange(6, dtype=torch.int64)}
+    want = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(7),
+            "odd": torch.ones(3, dtype=torch.float16), "c": torch.arange(6, dtype=torch.int64)}
     plan = [io.OutTensor(k, io.dtype_code(v.dtype), tuple(v.shape), v.numel() * v.element_size())
             for k, v in want.items()]
     out = tmp_path / "out"
@@ -99,11 +99,15 @@ def test_checkpoint_reads_headers_in_shard_order_and_maps_one_tensor_at_a_time(t
     (ck_dir / io.INDEX_FILE).write_text(json.dumps({"weight_map": {
         k: f"model-0000{1 if i < 2 else 2}-of-00002.safetensors" for i, k in enumerate(names)}}))
     ck = io.Checkpoint(ck_dir)
-    assert [info.file.name for info in ck.tensors.values()] == sorted(info.file.name for info in ck.tensors.values())
+    files = [info.file.name for info in ck.tensors.values()]
+    assert files == sorted(files)
     assert set(ck.tensors) == set(names)
     x = ck.load(names[3])
     assert torch.equal(x, t[names[3]])
-    mapped = lambda: sum(str(ck_dir) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    def mapped():
+        return sum(str(ck_dir) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
     assert mapped() >= 1  # the tensor lives in the memory-mapped file ...
     del x
     assert mapped() == 0  # ... and the mapping goes with it: no model stays mapped
@@ -134,8 +138,8 @@ def test_layer_swap_copies_whole_tensors_byte_for_byte(tmp_path):
     b = write_model(tmp_path / "b", tensors(1, torch.bfloat16))
     out = tmp_path / "out"
     out.mkdir()
-    result = merge_models(MergeSpec("layer_swap", [a, b], params={"bottom": 1, "top": 1, "non_layer": "outer"}),
-                          out)
+    params = {"bottom": 1, "top": 1, "non_layer": "outer"}
+    result = merge_models(MergeSpec("layer_swap", [a, b], params=params), out)
     assert result["copied_tensors"] == 4  # nothing computed: every tensor is a file-to-file copy
     got, ta, tb = load_file(out / "model.safetensors"), tensors(0, torch.bfloat16), tensors(1, torch.bfloat16)
     assert torch.equal(got["model.layers.0.w"], tb["model.layers.0.w"])

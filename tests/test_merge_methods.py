@@ -284,7 +284,8 @@ def test_layer_swap_every_zone(variants, tmp_path, non_layer):
         torch.testing.assert_close(got[k], want, atol=ATOL, rtol=1e-5, msg=k)
     assert seen == {"outer", "blend", "middle"}
     # a layer's norms travel with it
-    assert torch.equal(got["model.layers.0.input_layernorm.weight"], out["model.layers.0.input_layernorm.weight"])
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(got[norm], out[norm])
     assert torch.equal(got["model.layers.2.post_attention_layernorm.weight"],
                        mid["model.layers.2.post_attention_layernorm.weight"])
 
@@ -386,8 +387,9 @@ def test_vocab_first_keeps_the_first_models_rows(variants, tmp_path):
         run(tmp_path, "linear", [vs[0], big])
 
 
-@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5, "seed": 1}),
-                                           ("ties_sv", {"density": 0.3, "slack": 0.5}), ("slerp", {"t": 0.4})])
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3}), ("dare_ties", {"density": 0.5, "seed": 1}),
+    ("ties_sv", {"density": 0.3, "slack": 0.5}), ("slerp", {"t": 0.4})])
 def test_results_do_not_depend_on_the_blocking(variants, tmp_path, monkeypatch, method, params):
     from polyft.merge import engine
 

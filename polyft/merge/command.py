@@ -85,7 +85,8 @@ def resolve_inputs(cfg) -> Inputs:
         raise ConfigError(f"merge.base is missing; merge={method.name} works on task vectors "
                           "(model - base) and needs the base model: merge.base=PATH")
     if m.weights is not None and method.name != "layer_swap" and len(m.weights) != len(refs):
-        raise ConfigError(f"merge.weights has {len(m.weights)} entries for {len(refs)} models; give one per model")
+        raise ConfigError(f"merge.weights has {len(m.weights)} entries for {len(refs)} models; "
+                          "give one per model")
     inputs = Inputs([_ref(cfg, k, r) for k, r in refs], [k for k, _ in refs])
     if method.needs_base:
         inputs.base = _ref(cfg, "merge.base", m.base)

@@ -34,8 +34,11 @@ def keep_mask(shape, row0: int, density: float, seed: int, name: str, index: int
         cols *= d
     first, last = row0 // BLOCK_ROWS, (row0 + rows - 1) // BLOCK_ROWS
     g = torch.Generator()
-    draws = torch.cat([torch.rand(BLOCK_ROWS, cols, generator=g.manual_seed(tensor_seed(seed, name, index, b)))
-                       for b in range(first, last + 1)])
+    blocks = []
+    for b in range(first, last + 1):
+        g.manual_seed(tensor_seed(seed, name, index, b))
+        blocks.append(torch.rand(BLOCK_ROWS, cols, generator=g))
+    draws = torch.cat(blocks)
     skip = row0 - first * BLOCK_ROWS
     return (draws[skip:skip + rows] < density).reshape(shape)
 

@@ -366,13 +366,14 @@ class ShardWriter:
 
     def finish(self) -> list[str]:
         if self.pending:
-            raise RuntimeError(f"merge wrote no data for {len(self.pending)} tensors, e.g. {sorted(self.pending)[0]}")
+            raise RuntimeError(f"merge wrote no data for {len(self.pending)} tensors, "
+                               f"e.g. {sorted(self.pending)[0]}")
         self.close()
         if len(self.shards) > 1:
             weight_map = {t.name: self.names[t.shard] for t in self.by_name.values()}
             total = sum(t.nbytes for t in self.by_name.values())
-            (self.dir / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
         return self.names
 
     def close(self) -> None:
