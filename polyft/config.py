@@ -15,20 +15,13 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from polyft.errors import ConfigError
+from polyft.models.tiny import TinySpec
 
 COMMANDS = ("train", "merge", "eval", "run", "report")
 
 
-@dataclass
-class TinyModelConfig:
-    arch: str = "llama"
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 6
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    vocab_size: int = 1024
-    seed: int = 0
+# The tiny offline model's spec is its config group entry (`model.tiny`).
+TinyModelConfig = TinySpec
 
 
 @dataclass

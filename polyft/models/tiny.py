@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class TinySpec:
     arch: str = "llama"  # llama | mistral
     hidden_size: int = 64
