@@ -37,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    type: str = "lora"  # full | lora | flix
+    type: str = "lora"  # full | lora
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -215,7 +215,7 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 
 
 def _check_adapter(a) -> None:
-    _choice("adapter.type", a.type, ("full", "lora", "flix"))
+    _choice("adapter.type", a.type, ("full", "lora"))
     if a.type != "full":
         if a.r <= 0:
             raise ConfigError(f"adapter.r={a.r} is not allowed; the LoRA rank must be a positive integer")

@@ -133,8 +133,6 @@ def check_one(cfg) -> None:
     if cfg.adapter.type == "full" and cfg.quant.bits:
         raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
                           "quantised base is not possible (use adapter=lora)")
-    if cfg.adapter.type == "flix":
-        raise ConfigError("adapter=flix is not available in this version; use adapter=lora or adapter=full")
     p = plan(cfg, build_model=False)
     if cfg.model.tiny is None:
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
