@@ -182,3 +182,12 @@ def test_merge_back_writes_bf16_merged_model(cli):
     expected = probe_logits(PeftModel.from_pretrained(base, out), out).float()
     got = probe_logits(merged, out).float()
     assert (got - expected).abs().max() < 0.1
+
+
+def test_tensorboard_logger_writes_into_the_hydra_run_dir(cli):
+    run_dir = cli.cwd / "my-run"
+    proc = cli("train", "logger=tensorboard", "train.max_steps=10", "train.logging_steps=2", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "ok"
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
