@@ -171,3 +171,19 @@ def test_resolve_scalar_gradients():
     assert resolve_scalar([0.0, 1.0], 2, 5) == pytest.approx(0.5)
     assert resolve_scalar([0.0, 1.0, 0.0], 1, 5) == pytest.approx(0.5)
     assert resolve_scalar([0.0, 1.0, 0.5], None, 5) == pytest.approx(0.5)  # outside the layers: the mean
+
+
+def test_pickle_checkpoints_are_read_only_when_allowed(tmp_path):
+    a = write_model(tmp_path / "a", tensors(0))
+    b = tmp_path / "b"
+    b.mkdir()
+    torch.save(tensors(1), b / "pytorch_model.bin")
+    (b / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PolyftError, match="no safetensors weights"):
+        merge_models(MergeSpec("linear", [a, b]), out)
+    merge_models(MergeSpec("linear", [a, b], allow_pickle=True), out)
+    got = load_file(out / "model.safetensors")
+    for k, v in tensors(0).items():
+        torch.testing.assert_close(got[k], (v + tensors(1)[k]) / 2)

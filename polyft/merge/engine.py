@@ -3,13 +3,13 @@
 The library entry point: plain paths and a small dataclass in, a directory of safetensors
 shards (plus config and tokenizer files) out. No Hydra here.
 
-Each tensor is memory-mapped from every input and processed in blocks of rows: a reader
-thread converts the next blocks to fp32, the calling thread runs the method, a writer
-thread casts the result to the output dtype and writes it at its planned offset. Memory is
-then a few blocks plus the mapped pages of the current tensors (largest tensor x inputs
-at most), and the blocks stay in cache. Tensors that a method takes unchanged from one
-input (layer swapping) are copied file to file by another thread, which starts before
-torch is even imported.
+Each tensor is memory-mapped from every input and processed in blocks of rows: converted
+to fp32, merged, cast to the output dtype and written at its planned offset. A pool of
+worker threads, one per core, takes one tensor each (torch releases the GIL in its
+kernels). Memory is then a few blocks per worker plus the mapped pages of the tensors in
+work (largest tensor x inputs), and the blocks stay in the CPU caches. Tensors that a
+method takes unchanged from one input (layer swapping) are copied file to file by another
+thread, which starts before torch is even imported.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
-import queue
+import os
 import re
 import threading
 import time
@@ -33,6 +33,9 @@ LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 # Entries per block of rows that a method sees at a time: a few such blocks of every input
 # fit in the CPU caches, and memory stays flat whatever the tensor sizes.
 BLOCK_ENTRIES = 1 << 18
+# Tensors computed at the same time, one per core (the machine this was tuned on has two).
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+WORKERS = max(1, min(CORES, 8))
 VOCAB_HINT = ("set merge.vocab=first to keep the first model's vocabulary (rows a model lacks "
               "are taken from the first model, extra rows are dropped)")
 
@@ -268,76 +271,6 @@ def merge_models(spec: MergeSpec, out_dir: str | Path) -> dict:
     return result
 
 
-class _Prefetch:
-    """Runs an iterator in a thread, a few items ahead; its exceptions surface here."""
-
-    def __init__(self, iterator, depth: int):
-        self.queue: queue.Queue = queue.Queue(depth)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(iterator,), name="polyft-read", daemon=True)
-        self.thread.start()
-
-    def _put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, iterator) -> None:
-        try:
-            for item in iterator:
-                if not self._put(("item", item)):
-                    return
-            self._put(("end", None))
-        except BaseException as exc:  # handed to the consumer
-            self._put(("error", exc))
-
-    def __iter__(self):
-        while True:
-            kind, item = self.queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
-class _Sink:
-    """Applies `fn` to submitted items in a thread, a few items behind; errors surface here."""
-
-    def __init__(self, fn, depth: int):
-        self.fn, self.error = fn, None
-        self.queue: queue.Queue = queue.Queue(depth)
-        self.thread = threading.Thread(target=self._run, name="polyft-write", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.fn(*item)
-                except BaseException as exc:
-                    self.error = exc
-
-    def put(self, *item) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
     """Row ranges of about BLOCK_ENTRIES entries (whole rows, a multiple of 64 when >= 64)."""
     step = max(1, BLOCK_ENTRIES // max(cols, 1))
@@ -352,10 +285,14 @@ def _as_rows(t):
 
 
 def _compute(spec, method, inputs, base, jobs, n_layers, writer, stats) -> None:
-    """read -> compute -> write, block by block, over the jobs that are not file copies."""
+    """Compute and write the jobs that are not file copies: one tensor per worker thread,
+    block by block (read from the mapped files, convert to fp32, run the method, cast,
+    write). Torch releases the GIL inside its kernels, so the workers use the cores."""
     import torch
 
     ref = inputs[0]
+    lock = threading.Lock()
+    failed = threading.Event()
 
     def fit_rows(t, name):
         """vocab=first: the first model's number of rows (its rows fill a shorter tensor)."""
@@ -383,15 +320,9 @@ def _compute(spec, method, inputs, base, jobs, n_layers, writer, stats) -> None:
             xs = [None if v is None else (v[r0:r1].float() if convert else v[r0:r1]) for v in views]
             yield r0, xs, None if base_view is None else base_view[r0:r1].float()
 
-    def produce():
-        for job in jobs:
-            views, base_view = open_job(job)
-            for r0, xs, bx in blocks(views, base_view, convert=job.take is None):
-                yield job, views, base_view, r0, xs, bx
-
-    def start(job, views, base_view) -> dict:
+    def start(job, views, base_view, job_stats) -> dict:
         """The method's keyword arguments for one tensor, whole-tensor quantities included."""
-        kwargs = method_kwargs(method, spec.params, len(inputs), job.name, job.layer, n_layers, stats)
+        kwargs = method_kwargs(method, spec.params, len(inputs), job.name, job.layer, n_layers, job_stats)
         if "mix" in method.params:
             kwargs["mix"] = job.mix
         if method.prepare is not None:
@@ -401,31 +332,41 @@ def _compute(spec, method, inputs, base, jobs, n_layers, writer, stats) -> None:
             kwargs.update(method.prepare(chunks, numel=math.prod(job.out.shape), **kwargs))
         return kwargs
 
-    def write(job, r0, out):
+    def run(job) -> None:
+        if failed.is_set():
+            return
+        views, base_view = open_job(job)
+        job_stats: dict = {}
+        kwargs = start(job, views, base_view, job_stats) if job.take is None else {}
+        dtype = io.torch_dtype(job.out.dtype)
         row_bytes = job.out.nbytes // max(job.out.shape[0], 1) if job.out.shape else job.out.nbytes
-        writer.write(job.name, out.to(io.torch_dtype(job.out.dtype)), r0 * row_bytes)
-
-    # The reader, this thread and the writer already keep both cores busy; torch's own
-    # thread pool on top would spin-wait against them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reader, sink = _Prefetch(produce(), depth=4), _Sink(write, depth=4)
-    current, kwargs = None, {}
-    try:
-        for job, views, base_view, r0, xs, bx in reader:
+        for r0, xs, bx in blocks(views, base_view, convert=job.take is None):
             if job.take is not None:
                 out = xs[job.take]
             else:
-                if job is not current:
-                    current, kwargs = job, start(job, views, base_view)
                 if "row0" in method.params:
                     kwargs["row0"] = r0
                 out = method.fn(xs, bx, **kwargs)
-            sink.put(job, r0, out)
-            del out, xs, bx
+            writer.write(job.name, out.to(dtype), r0 * row_bytes)
+        with lock:
+            for k, v in job_stats.items():
+                stats[k] = stats.get(k, 0) + v
+
+    # The workers already keep the cores busy; torch's own pool on top would spin-wait.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(WORKERS, "polyft-merge") as pool:
+            futures = [pool.submit(run, job) for job in jobs]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                failed.set()
+                for f in futures:
+                    f.cancel()
+                raise
     finally:
-        reader.close()
-        sink.close()
         torch.set_num_threads(threads)
 
 

@@ -127,8 +127,6 @@ def read_config(path: Path) -> dict:
 class Checkpoint:
     """A Hugging Face model directory with safetensors weights."""
 
-    kind = "model"
-
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.config = read_config(self.path)
@@ -150,8 +148,6 @@ class Checkpoint:
 
 class PickleCheckpoint(Checkpoint):
     """.bin/.pt weights, read only when allow_pickle=true (torch.load, weights only, mmap)."""
-
-    kind = "pickle"
 
     def __init__(self, path: str | os.PathLike):
         import torch
@@ -178,8 +174,6 @@ class LoraCheckpoint(Checkpoint):
     """A peft LoRA adapter directory read as its base model with the adapter folded in:
     W + (alpha / r) B A for every adapted linear layer (alpha / sqrt(r) with rslora), and
     modules_to_save tensors replacing the base's."""
-
-    kind = "adapter"
 
     def __init__(self, path: str | os.PathLike, base: Checkpoint):
         self.path = Path(path)

@@ -5,10 +5,6 @@ from __future__ import annotations
 from polyft.merge.registry import register
 
 
-def task_vectors(tensors, base):
-    return [t - base for t in tensors]
-
-
 @register("task_arithmetic", params=("weights", "scale"), needs_base=True)
 def task_arithmetic(tensors, base, *, weights, scale=1.0):
     delta = base.new_zeros(base.shape)

@@ -58,15 +58,15 @@ def keep_count(density: float, numel: int) -> int:
 
 def prepare_thresholds(chunks, *, numel: int, density: float, **_) -> dict:
     """Engine hook: each task vector's trimming threshold, over the whole tensor."""
+    n_models = len(next(iter(chunks()))[0])
     k = keep_count(density, numel)
     if k >= numel:
-        return {"thresholds": None}
-    n = None
-    for tensors, _base in chunks():
-        n = len(tensors)
-        break
-    task_chunks = lambda: ([t - b for t in ts] for ts, b in chunks())  # noqa: E731
-    return {"thresholds": magnitude_thresholds(task_chunks, [k] * n)}
+        return {"thresholds": [0.0] * n_models}  # keep everything
+
+    def task_chunks():
+        return ([t - base for t in tensors] for tensors, base in chunks())
+
+    return {"thresholds": magnitude_thresholds(task_chunks, [k] * n_models)}
 
 
 def topk_mask(tv, density: float, threshold: float | None = None):
@@ -87,8 +87,8 @@ def elect_sign(vectors, weights):
 
 
 def agrees(v, sign):
-    """Entries of v that are non-zero and have the elected sign."""
-    return (v.sign() == sign) & (v != 0)
+    """Entries of v that are non-zero and have the elected sign (which is then non-zero)."""
+    return v * sign > 0
 
 
 def disjoint_mean(vectors, weights, keep):
