@@ -124,12 +124,15 @@ class ArtifactStore:
               ) -> Iterator["Build"]:
         """Yield a Build whose `.dir` is a fresh temporary directory; on success its
         manifest is written and it is renamed to `target` (default: the store path).
-        The caller holds `lock()` around find() + build() when jobs may race."""
+        The caller holds `lock()` around find() + build(): stale temporary directories of
+        the same product (a killed build) are removed here."""
         final = Path(target) if target else self.path_for(kind, name, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists() and any(final.iterdir()):
             raise PolyftError(f"output_dir {final} already exists and is not empty; "
                               "remove it or choose another path")
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         build = Build(dir=tmp, manifest={"kind": kind, "name": name, "hash": config_hash(key),
                                          "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

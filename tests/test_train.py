@@ -191,3 +191,16 @@ def test_tensorboard_logger_writes_into_the_hydra_run_dir(cli):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "ok"
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100
+
+
+def test_store_build_removes_a_killed_builds_temporary_dir(tmp_path):
+    from polyft.runs import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    final = store.path_for("model", "x", {"a": 1})
+    stale = final.parent / f".tmp-{final.name}-dead"
+    stale.mkdir(parents=True)
+    with store.build("model", "x", {"a": 1}) as b:
+        (b.dir / "w.txt").write_text("ok")
+    assert not stale.exists() and (final / "w.txt").read_text() == "ok"
+    assert store.find("model", "x", {"a": 1}) == final

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,13 +209,6 @@ def _same_product(target: Path, key: dict) -> Path | None:
     return target if manifest and manifest.get("hash") == config_hash(key) else None
 
 
-def _clean_stale(final: Path) -> None:
-    """Temporary directories a killed build of this product left (we hold its lock)."""
-    if final.parent.is_dir():
-        for stale in final.parent.glob(f".tmp-{final.name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 def command(cfg, record) -> None:
     from polyft.merge.engine import merge_models
 
@@ -233,7 +225,6 @@ def command(cfg, record) -> None:
             record.add_artifact(KIND, found, reused=True)
             print(f"polyft: merge {name} already built: {found}")
             return
-        _clean_stale(target or store.path_for(KIND, name, key))
         with store.build(KIND, name, key, target=target) as build:
             result = merge_models(merge_spec(cfg, inputs), build.dir)
             build.manifest.update(method=cfg.merge.method, inputs=[str(p) for p in inputs.models],
