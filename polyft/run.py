@@ -74,6 +74,13 @@ class EvalStage:
 
         eval_command.command(_eval_stage_cfg(cfg), record)
 
+    @staticmethod
+    def quiet(cfg, record) -> None:
+        """As command, without the per-row listing: `polyft run` prints the report table instead."""
+        from polyft.eval import command as eval_command
+
+        eval_command.evaluate(_eval_stage_cfg(cfg), record)
+
 
 STAGES = {"merge": MergeStage, "eval": EvalStage}
 
@@ -83,7 +90,7 @@ def command(cfg, record) -> None:
 
     train.command(cfg, record)
     MergeStage.command(cfg, record)
-    EvalStage.command(cfg, record)
+    EvalStage.quiet(cfg, record)
     record.save()
     rows = report.collect([{**record.as_dict(), "run_dir": str(record.run_dir)}])
     out = Path(record.run_dir) / "report"

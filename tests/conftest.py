@@ -66,3 +66,12 @@ def assert_user_error(proc, *words: str) -> None:
     assert len(err.splitlines()) == 1, err
     for w in words:
         assert w in err, (w, err)
+
+
+def assert_refused(cli, command: str, *args: str, words: list[str]) -> None:
+    """`polyft COMMAND ARGS output_dir=...` is a user error that writes no product and no run."""
+    out = cli.cwd / "refused-product"
+    proc = cli(command, *args, f"output_dir={out}")
+    assert_user_error(proc, *words)
+    assert not out.exists()
+    assert not (cli.cwd / "outputs" / "runs").exists()
