@@ -69,17 +69,10 @@ class EvalStage:
         eval_command.check(_eval_stage_cfg(cfg))
 
     @staticmethod
-    def command(cfg, record) -> None:
+    def command(cfg, record, show_rows: bool = True) -> None:
         from polyft.eval import command as eval_command
 
-        eval_command.command(_eval_stage_cfg(cfg), record)
-
-    @staticmethod
-    def quiet(cfg, record) -> None:
-        """As command, without the per-row listing: `polyft run` prints the report table instead."""
-        from polyft.eval import command as eval_command
-
-        eval_command.evaluate(_eval_stage_cfg(cfg), record)
+        eval_command.command(_eval_stage_cfg(cfg), record, show_rows)
 
 
 STAGES = {"merge": MergeStage, "eval": EvalStage}
@@ -90,7 +83,7 @@ def command(cfg, record) -> None:
 
     train.command(cfg, record)
     MergeStage.command(cfg, record)
-    EvalStage.quiet(cfg, record)
+    EvalStage.command(cfg, record, show_rows=False)  # the report table follows
     record.save()
     rows = report.collect([{**record.as_dict(), "run_dir": str(record.run_dir)}])
     out = Path(record.run_dir) / "report"

@@ -131,48 +131,49 @@ def pickled(models, tmp_path):
     return d
 
 
-def _bad(cli, *args, words):
-    assert_refused(cli, "merge", *args, words=words)
-
-
 def test_error_models_of_different_shapes(cli, models, bad_shapes):
-    _bad(cli, f"merge.models=[{models['a']},{bad_shapes}]",
-         words=["model.layers.3.mlp.up_proj.weight", "[128, 64]", "[7, 64]"])
+    assert_refused(cli, "merge", f"merge.models=[{models['a']},{bad_shapes}]",
+                   words=["model.layers.3.mlp.up_proj.weight", "[128, 64]", "[7, 64]"])
 
 
 def test_error_missing_model_dir(cli, models):
-    _bad(cli, f"merge.models=[{models['a']},/nonexistent/model]",
-         words=["merge.models[1]", "/nonexistent/model", "no such"])
+    assert_refused(cli, "merge", f"merge.models=[{models['a']},/nonexistent/model]",
+                   words=["merge.models[1]", "/nonexistent/model", "no such"])
 
 
 def test_error_task_vector_method_without_base(cli, models):
-    _bad(cli, "merge=ties", f"merge.models=[{models['a']},{models['b']}]", words=["merge.base", "merge=ties"])
+    assert_refused(cli, "merge", "merge=ties", f"merge.models=[{models['a']},{models['b']}]",
+                   words=["merge.base", "merge=ties"])
 
 
 @pytest.mark.parametrize("density", ["0", "1.5", "[0.5,0]"])
 def test_error_density_outside_unit_interval(cli, models, density):
-    _bad(cli, "merge=dare_ties", f"merge.models=[{models['a']},{models['b']}]",
-         f"merge.base={models['base']}", f"merge.density={density}", words=["merge.density", "(0, 1]"])
+    assert_refused(cli, "merge", "merge=dare_ties", f"merge.models=[{models['a']},{models['b']}]",
+                   f"merge.base={models['base']}", f"merge.density={density}",
+                   words=["merge.density", "(0, 1]"])
 
 
 def test_error_swap_zones_exceed_layers(cli, models):
-    _bad(cli, "merge=layer_swap", f"merge.middle={models['a']}", f"merge.outer={models['b']}",
-         "merge.bottom=3", "merge.top=2", "merge.transition_bottom=1", "merge.transition_top=1",
-         words=["3 + 2 + 1 + 1 = 7", "have 6"])
+    assert_refused(cli, "merge", "merge=layer_swap",
+                   f"merge.middle={models['a']}", f"merge.outer={models['b']}",
+                   "merge.bottom=3", "merge.top=2", "merge.transition_bottom=1", "merge.transition_top=1",
+                   words=["3 + 2 + 1 + 1 = 7", "have 6"])
 
 
 def test_error_unknown_non_layer(cli, models):
-    _bad(cli, "merge=layer_swap", f"merge.middle={models['a']}", f"merge.outer={models['b']}",
-         "merge.non_layer=lang", words=["merge.non_layer=lang", "outer, middle, average"])
+    assert_refused(cli, "merge", "merge=layer_swap",
+                   f"merge.middle={models['a']}", f"merge.outer={models['b']}",
+                   "merge.non_layer=lang", words=["merge.non_layer=lang", "outer, middle, average"])
 
 
 def test_error_pickle_checkpoint(cli, models, pickled):
-    _bad(cli, f"merge.models=[{models['a']},{pickled}]", words=["pickle", "allow_pickle=true", str(pickled)])
+    assert_refused(cli, "merge", f"merge.models=[{models['a']},{pickled}]",
+                   words=["pickle", "allow_pickle=true", str(pickled)])
 
 
 def test_error_unknown_method_lists_the_registered_ones(cli, models):
-    _bad(cli, "merge.method=fisher", f"merge.models=[{models['a']},{models['b']}]",
-         words=["merge.method=fisher", "linear", "ties_sv", "layer_swap"])
+    assert_refused(cli, "merge", "merge.method=fisher", f"merge.models=[{models['a']},{models['b']}]",
+                   words=["merge.method=fisher", "linear", "ties_sv", "layer_swap"])
 
 
 def test_error_vocabulary_mismatch_says_how_to_resolve(cli, models, tmp_path):
@@ -187,4 +188,5 @@ def test_error_vocabulary_mismatch_says_how_to_resolve(cli, models, tmp_path):
     conf = json.loads((models["b"] / "config.json").read_text())
     conf["vocab_size"] += 4
     (d / "config.json").write_text(json.dumps(conf))
-    _bad(cli, f"merge.models=[{models['a']},{d}]", words=["vocabularies differ", "merge.vocab=first"])
+    assert_refused(cli, "merge", f"merge.models=[{models['a']},{d}]",
+                   words=["vocabularies differ", "merge.vocab=first"])

@@ -179,16 +179,10 @@ def evaluate_model(cfg, p: Plan, m: ModelRef, backend) -> tuple[Path, list[dict]
     return b.dir, rows
 
 
-def command(cfg, record) -> None:
-    from polyft.eval.harness import format_rows
-
-    evaluate(cfg, record)
-    print(format_rows(record.metrics["results"]))
-
-
-def evaluate(cfg, record) -> None:
-    """Every (model, suite) result of the plan, reused or computed, into record.metrics."""
-    from polyft.eval.harness import RESULTS_ROWS, read_rows
+def command(cfg, record, show_rows: bool = True) -> None:
+    """Every (model, suite) result of the plan, reused or computed, into record.metrics;
+    `show_rows=False` when the caller prints a report table instead of the rows."""
+    from polyft.eval.harness import RESULTS_ROWS, format_rows, read_rows
 
     p = plan(cfg)
     for spec in p.specs:
@@ -217,3 +211,5 @@ def evaluate(cfg, record) -> None:
         rows_by_ref[m.ref] = rows
     record.metrics["results"] = [r for ref in model_refs(cfg) for r in rows_by_ref[ref]]
     record.save()
+    if show_rows:
+        print(format_rows(record.metrics["results"]))
