@@ -277,10 +277,11 @@ def _check_train(t) -> None:
 
 def _check_merge(m) -> None:
     """Choices and ranges of the merge group; polyft.merge.command.check does the files."""
+    from polyft.merge import adapter_space
     from polyft.merge.io import parse_size
     from polyft.merge.registry import names
 
-    _choice("merge.method", m.method, tuple(names()))
+    _choice("merge.method", m.method, tuple(sorted(names() + adapter_space.names())))
     _choice("merge.non_layer", m.non_layer, ("outer", "middle", "average"))
     _choice("merge.vocab", m.vocab, ("strict", "first"))
     _choice("merge.dtype", m.dtype, (None, "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))

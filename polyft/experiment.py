@@ -74,10 +74,14 @@ def merge_cfg(cfg: DictConfig, name: str) -> DictConfig:
 
 def find_merged(cfg: DictConfig) -> Path | None:
     """The store's product of the merge `cfg.merge`, if made (its inputs must exist)."""
+    from polyft.merge import adapter_space
     from polyft.merge.command import KIND, product_key, resolve_inputs
     from polyft.runs import ArtifactStore
 
-    key = product_key(cfg, resolve_inputs(cfg))
+    if adapter_space.is_adapter_method(cfg.merge.method):
+        key = adapter_space.method_module(cfg.merge.method).product_key(cfg)
+    else:
+        key = product_key(cfg, resolve_inputs(cfg))
     return ArtifactStore(Path(cfg.output_root) / "artifacts").find(KIND, main_merge_name(cfg), key)
 
 

@@ -123,7 +123,10 @@ def _check_dir(key: str, path: Path, allow_pickle: bool) -> None:
 def check(cfg) -> None:
     """Everything that can be refused before a file is written: refs, checkpoint kinds,
     architecture, tensor names, shapes and dtypes, vocabularies, swap depths, output_dir."""
-    from polyft.merge import engine, io
+    from polyft.merge import adapter_space, engine, io
+
+    if adapter_space.is_adapter_method(cfg.merge.method):
+        return adapter_space.check(cfg)
 
     inputs = resolve_inputs(cfg)
     m = cfg.merge
@@ -210,8 +213,11 @@ def _same_product(target: Path, key: dict) -> Path | None:
 
 
 def command(cfg, record) -> None:
+    from polyft.merge import adapter_space
     from polyft.merge.engine import merge_models
 
+    if adapter_space.is_adapter_method(cfg.merge.method):
+        return adapter_space.command(cfg, record, KIND)
     check(cfg)
     inputs = resolve_inputs(cfg)
     name = cfg.merge.name or cfg.merge.method
