@@ -62,7 +62,8 @@ class SourceConfig:
     path: Optional[str] = None  # file for jsonl/parquet/csv, dataset id for hub, release root for xtremeup
     generator: Optional[str] = None  # synthetic: arithmetic | instructions
     task: Optional[str] = None  # xtremeup: semantic_parsing | qa_in_lang | translation
-    langs: List[str] = field(default_factory=list)  # synthetic: languages to generate; xtremeup: files to read (empty: all)
+    # synthetic: languages to generate; xtremeup: language files to read (empty: all of the split)
+    langs: List[str] = field(default_factory=list)
     n: int = 0  # synthetic: examples per language
     hub_config: Optional[str] = None
     split: str = "train"
