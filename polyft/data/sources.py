@@ -3,8 +3,8 @@
 A source is synthetic (generated here), a local jsonl/parquet/csv file, a hub dataset id,
 or an unpacked XTREME-UP release (polyft/data/xtremeup.py). Field names map the source's
 columns onto prompt/response; features (lang, task) come from fixed values or from a
-column (XTREME-UP: the task and the language of each file). No torch here: the CLI reads sources while
-checking a config, before anything is written.
+column (XTREME-UP: the task and each file's language). No torch here: the CLI reads
+sources while checking a config, before anything is written.
 """
 
 from __future__ import annotations
