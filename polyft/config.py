@@ -58,10 +58,12 @@ class QuantConfig:
 
 @dataclass
 class SourceConfig:
-    type: str = "synthetic"  # synthetic | jsonl | parquet | csv | hub
-    path: Optional[str] = None  # file for jsonl/parquet/csv, dataset id for hub
+    type: str = "synthetic"  # synthetic | jsonl | parquet | csv | hub | xtremeup
+    path: Optional[str] = None  # file for jsonl/parquet/csv, dataset id for hub, release root for xtremeup
     generator: Optional[str] = None  # synthetic: arithmetic | instructions
-    langs: List[str] = field(default_factory=list)  # synthetic: languages to generate
+    task: Optional[str] = None  # xtremeup: semantic_parsing | qa_in_lang | translation
+    # synthetic: languages to generate; xtremeup: language files to read (empty: all of the split)
+    langs: List[str] = field(default_factory=list)
     n: int = 0  # synthetic: examples per language
     hub_config: Optional[str] = None
     split: str = "train"
@@ -160,6 +162,7 @@ class EvalConfig:
     model: Optional[str] = "base"
     models: Optional[List[str]] = None
     data_dir: Optional[str] = None
+    xtremeup_root: Optional[str] = None  # unpacked XTREME-UP release: <root>/<task>/<split>/<lang>.jsonl
     include_path: Optional[str] = None
     backend: str = "hf"  # hf | vllm
     batch_size: Any = 8
@@ -241,7 +244,7 @@ def _check_data(d) -> None:
         raise ConfigError(f"data={d.name} has no sources; add at least one under data.sources")
     for name, s in d.sources.items():
         key = f"data.sources.{name}"
-        _choice(f"{key}.type", s.type, ("synthetic", "jsonl", "parquet", "csv", "hub"))
+        _choice(f"{key}.type", s.type, ("synthetic", "jsonl", "parquet", "csv", "hub", "xtremeup"))
         if s.weight <= 0:
             raise ConfigError(f"{key}.weight={s.weight} is not allowed; mixture weights must be > 0")
         if s.max_rows is not None and s.max_rows <= 0:
@@ -254,6 +257,14 @@ def _check_data(d) -> None:
                 _choice(f"{key}.langs", lang, LANGS)
             if s.n <= 0:
                 raise ConfigError(f"{key}.n={s.n} is not allowed; synthetic sources need n > 0")
+        elif s.type == "xtremeup":
+            from polyft.data.xtremeup import LAYOUT, SPLITS, TASKS
+
+            if not s.path:  # data=xtremeup takes it from eval.xtremeup_root
+                raise ConfigError(f"{key}.path is missing; an xtremeup source needs the release root "
+                                  f"({LAYOUT}); with data=xtremeup set eval.xtremeup_root=DIR")
+            _choice(f"{key}.task", s.task, TASKS)
+            _choice(f"{key}.split", s.split, SPLITS)
         elif not s.path:
             raise ConfigError(f"{key}.path is missing; a {s.type} source needs a path or dataset id")
 

@@ -1,9 +1,10 @@
 """Read one data source into plain rows: {prompt, response, lang, task}.
 
-A source is synthetic (generated here), a local jsonl/parquet/csv file, or a hub dataset
-id. Field names map the source's columns onto prompt/response; features (lang, task)
-come from fixed values or from a column. No torch here: the CLI reads sources while
-checking a config, before anything is written.
+A source is synthetic (generated here), a local jsonl/parquet/csv file, a hub dataset id,
+or an unpacked XTREME-UP release (polyft/data/xtremeup.py). Field names map the source's
+columns onto prompt/response; features (lang, task) come from fixed values or from a
+column (XTREME-UP: the task and each file's language). No torch here: the CLI reads
+sources while checking a config, before anything is written.
 """
 
 from __future__ import annotations
@@ -63,8 +64,18 @@ def raw_rows(key: str, src, seed: int, offline: bool) -> list[dict]:
     return _read_file(src.type, path)
 
 
+def _xtremeup_rows(key: str, src) -> list[dict]:
+    from polyft.data import xtremeup
+
+    rows = xtremeup.load(src.path, src.task, src.split, list(src.langs), f"{key}.path={src.path}")
+    fixed = {k: v for k, v in src.features.items() if k in ("lang", "task")}
+    return [{**r, **fixed, "source": key.rsplit(".", 1)[-1]} for r in rows]
+
+
 def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
     """Rows {prompt, response, lang, task} of one source, field mapping applied."""
+    if src.type == "xtremeup":
+        return _xtremeup_rows(key, src)
     rows = raw_rows(key, src, seed, offline)
     if not rows:
         raise PolyftError(f"{key}: the source has no rows")

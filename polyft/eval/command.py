@@ -88,7 +88,7 @@ def plan(cfg, build: bool = True) -> Plan:
                           langs=list(e.langs) if e.langs else None, include_path=e.include_path,
                           num_fewshot=e.num_fewshot, limit=e.limit)
     plan_data(specs, data_dir=e.data_dir, demo_root=Path(cfg.output_root) / "eval-data" / "demo",
-              offline=offline)
+              offline=offline, xtremeup_root=e.xtremeup_root)
     targets: dict = dict.fromkeys(model_refs(cfg))
     if cfg.output_dir:
         out = Path(cfg.output_dir).expanduser().resolve()

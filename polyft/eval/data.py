@@ -116,11 +116,15 @@ def hub_cached(dataset_id: str, config: str | None) -> bool:
     return (Path(constants.HF_HUB_CACHE) / f"datasets--{dataset_id.replace('/', '--')}" / "snapshots").is_dir()
 
 
-def plan_data(specs: list[TaskSpec], *, data_dir: str | None, demo_root: Path, offline: bool) -> None:
+def plan_data(specs: list[TaskSpec], *, data_dir: str | None, demo_root: Path, offline: bool,
+              xtremeup_root: str | None = None) -> None:
     """Decide where every task reads its data; raise PolyftError when that cannot work."""
     for spec in specs:
         if spec.family is not None:
             spec.overrides["task"] = spec.name
+            if spec.family.xtremeup_task:
+                xtremeup_files(spec, xtremeup_root)
+                continue
             config = spec.family.langs[spec.family_lang]
             if spec.family.generator:
                 demo_files(spec, demo_root)
@@ -143,6 +147,32 @@ def plan_data(specs: list[TaskSpec], *, data_dir: str | None, demo_root: Path, o
                 f"task {spec.name} reads the hub dataset {dataset_id} (config {config or 'default'}) and "
                 f"polyft is offline; save a local copy as DIR/{example} and set eval.data_dir=DIR, "
                 "or run with network access")
+
+
+# ---------------------------------------------------------------- XTREME-UP
+
+def xtremeup_files(spec: TaskSpec, root: str | None) -> None:
+    """Point an xtremeup_<task>_<lang> task at the release files it scores (test) and takes
+    few-shot examples from (train, only when num_fewshot > 0). The task's loader
+    (tasks/xtremeup/utils.py) turns them into prompts with polyft.data.xtremeup."""
+    from polyft.data import xtremeup
+
+    task, lang = spec.family.xtremeup_task, spec.family_lang
+    if not root:
+        raise PolyftError(f"task {spec.name} reads a local XTREME-UP release; set eval.xtremeup_root=DIR "
+                          f"(layout {xtremeup.LAYOUT})")
+    what = f"task {spec.name}: eval.xtremeup_root={root}"
+    files = {"test": xtremeup.lang_file(root, task, "test", lang, what)}
+    if spec.fewshot > 0:
+        files["train"] = xtremeup.lang_file(root, task, "train", lang, what)
+    spec.data_files = {split: str(f.resolve()) for split, f in files.items()}
+    fewshot = "train" if "train" in files else None
+    spec.overrides.update(
+        training_split=fewshot, fewshot_split=fewshot,
+        dataset_kwargs={"xtremeup_task": task, "xtremeup_lang": lang, "data_files": dict(spec.data_files)},
+        # the prompts are code: their digest enters the eval key, so cached results follow them
+        metadata={**(spec.config.get("metadata") or {}), "lang": spec.lang,
+                  "prompts": xtremeup.prompt_digest()})
 
 
 # ---------------------------------------------------------------- demo data

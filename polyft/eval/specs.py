@@ -1,7 +1,7 @@
 """Which tasks an eval runs, resolved from names without importing lm-eval or torch.
 
 A task name is looked up, in this order, in the user's `eval.include_path`, in polyft's own
-task families (polyft/eval/tasks: the demo tasks and XL-Sum), then among the task YAMLs
+task families (polyft/eval/tasks: the demo tasks, XL-Sum and XTREME-UP), then among the task YAMLs
 shipped inside lm-eval. lm-eval's own TaskManager index parses all ~14k YAMLs (about 7 s);
 a text scan for `task:` lines finds the same files in about half a second, and the one
 file found is then parsed and checked. Every task becomes a TaskSpec: the YAML it comes
@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from polyft.data import xtremeup
 from polyft.data.synthetic import LANGS as SYNTHETIC_LANGS
 from polyft.errors import PolyftError
 
@@ -54,14 +55,17 @@ class Family:
 
     prefix: str
     template: Path
-    langs: dict  # lang -> hub dataset config, or None when polyft generates the data
+    langs: dict  # lang -> hub dataset config, or None when polyft generates or reads the data
     generator: str | None = None  # polyft.data.synthetic generator of the (demo) data
+    xtremeup_task: str | None = None  # the XTREME-UP task whose local release files it reads
 
 
 FAMILIES = (
     Family("demo_arith", TASKS_DIR / "demo" / "arith.yaml", dict.fromkeys(SYNTHETIC_LANGS), "arithmetic"),
     Family("demo_words", TASKS_DIR / "demo" / "words.yaml", dict.fromkeys(SYNTHETIC_LANGS), "instructions"),
     Family("polyft_xlsum", TASKS_DIR / "xlsum" / "xlsum.yaml", XLSUM_CONFIGS),
+    *(Family(f"xtremeup_{task}", TASKS_DIR / "xtremeup" / f"{task}.yaml", dict.fromkeys(xtremeup.LANGUAGES[task]),
+             xtremeup_task=task) for task in xtremeup.TASKS),
 )
 
 
@@ -89,6 +93,12 @@ class TaskSpec:
         """The language a polyft family task is built for: its name's suffix (the row label
         `lang` may be set to something else in the suite)."""
         return self.name[len(self.family.prefix) + 1:] if self.family is not None else None
+
+    @property
+    def task_feature(self) -> str | None:
+        """The `task` value training rows of this task carry (XTREME-UP: the task name), for
+        adapters that route on features."""
+        return self.family.xtremeup_task if self.family is not None else None
 
     def get(self, key: str, default: Any = None) -> Any:
         """A config value as the generated task will have it (polyft's overrides first)."""
@@ -185,7 +195,8 @@ def _family_task(name: str) -> tuple[Family, str] | None:
     for fam in FAMILIES:
         if name.startswith(fam.prefix + "_"):
             lang = name[len(fam.prefix) + 1:]
-            if lang not in fam.langs:
+            # XTREME-UP languages are whatever the local release holds (checked against it later)
+            if lang not in fam.langs and not (fam.xtremeup_task and lang):
                 raise PolyftError(f"eval.tasks: unknown task {name}; {fam.prefix} exists for languages: "
                                   f"{', '.join(sorted(fam.langs))}")
             return fam, lang
