@@ -148,11 +148,14 @@ def compose(command: str, overrides: list[str], with_hydra: bool = False):
 
 def check_launcher_point(command: str, point: list[str]) -> None:
     """A sweep point's launcher values (cpus, memory, time, partition...), before any submission."""
-    if not any(o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher")) for o in point):
+    if not any(o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher", "resources")) for o in point):
         return
+    from omegaconf import OmegaConf
+
     from polyft.launchers import check_launcher
 
-    check_launcher(compose(command, point, with_hydra=True).hydra.launcher)
+    cfg = compose(command, point, with_hydra=True)
+    check_launcher(OmegaConf.to_container(cfg.hydra.launcher), resources=dict(cfg.resources))
 
 
 def preflight(command: str, args: list[str], files: bool = True) -> None:

@@ -215,6 +215,9 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    # Launcher values for this run, over hydra.launcher; Hydra cannot sweep hydra.* keys, so
+    # per-point resources go here: -m +resources.mem_gb=16,64 (polyft's submitit launchers)
+    resources: Dict[str, Any] = field(default_factory=dict)
     exp_name: Optional[str] = None
     experts: Dict[str, Any] = field(default_factory=dict)  # name -> overrides of the groups
     expert: Optional[str] = None  # train only this expert

@@ -1,10 +1,10 @@
 """Hydra launchers on submitit: one SLURM job (or local process) per sweep point.
 
 What they add to hydra-submitit-launcher, whose presets are conf/hydra/launcher/:
-- each point gets its own resources: `hydra.launcher.*` values may differ between points
-  (`-m hydra.launcher.mem_gb=8,32`), and with `plan.fit=true` mem_gb/gres come from the
-  point's memory estimate (polyft.plan.fit_resources); points with the same resources
-  share one job array;
+- each point gets its own resources: the run key `resources` overrides launcher values per
+  point (`-m +resources.mem_gb=8,32`; Hydra refuses to sweep hydra.* keys), and with
+  `plan.fit=true` mem_gb/gres come from the point's memory estimate
+  (polyft.plan.fit_resources); points with the same resources share one job array;
 - no GPU is asked for unless gpus_per_node > 0, so the defaults run on a CPU-only cluster;
 - a point that fails (an error, or killed by the cluster: memory, time) is reported with
   its log path once every point has ended, instead of stopping the sweep at the first
@@ -38,10 +38,20 @@ _MEM = re.compile(r"^\d+[KMGT]?B?$", re.I)
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
 
-def check_launcher(launcher, where: str = "hydra.launcher") -> None:
-    """Values a submitit launcher config would pass to sbatch or the local executor."""
+def check_launcher(launcher, where: str = "hydra.launcher", resources=None) -> None:
+    """Values a submitit launcher config would pass to sbatch or the local executor, with a
+    run's `resources` over them."""
+    if resources:
+        unknown = sorted(set(resources) - set(launcher or {}) - {"_target_"})
+        if launcher is None or "polyft_launchers" not in str(launcher.get("_target_", "")):
+            raise ConfigError("resources: set only with hydra/launcher=slurm or submitit_local")
+        if unknown:
+            raise ConfigError(f"resources.{unknown[0]}: not a launcher key; allowed: "
+                              f"{', '.join(k for k in launcher if k not in _NOT_PARAMS)}")
+        launcher = {**launcher, **resources}
+        where = "resources"
     if launcher is None or "submitit" not in str(launcher.get("_target_", "")) \
-            and "polyft.launchers" not in str(launcher.get("_target_", "")):
+            and "polyft_launchers" not in str(launcher.get("_target_", "")):
         return
     for key, least in (("cpus_per_task", 1), ("tasks_per_node", 1), ("nodes", 1), ("timeout_min", 1),
                        ("gpus_per_node", 0), ("gpus_per_task", 0), ("cpus_per_gpu", 1),
@@ -115,10 +125,11 @@ class _PerPointLauncher:
             idx = initial_job_idx + i
             point = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             launcher = OmegaConf.to_container(point.hydra.launcher, resolve=True)
-            if point.get("plan") is not None and point.plan.fit:
+            if point.plan.fit:
                 from polyft.plan import fit_resources
 
                 launcher.update(fit_resources(point, launcher))
+            launcher.update(OmegaConf.to_container(point.resources, resolve=True))
             check_launcher(launcher, f"point #{idx}: hydra.launcher")
             print(f"polyft: point #{idx} {' '.join(filter_overrides(overrides))}", file=sys.stderr)
             key = repr(sorted(launcher.items()))
@@ -172,7 +183,7 @@ def _last_line_of(text: str) -> str:
     return lines[-1][:300] if lines else "unknown error"
 
 
-class SlurmLauncher(_PerPointLauncher, _SlurmBase):
+class PerPointSlurmLauncher(_PerPointLauncher, _SlurmBase):
     _EXECUTOR = "slurm"
     POLL_S = 2.0
     GRACE_S = 10.0  # a result written just before the job left the queue may show late on NFS
@@ -206,5 +217,5 @@ class SlurmLauncher(_PerPointLauncher, _SlurmBase):
         return f"state {m.group(1)}, exit code {m.group(2)}" if m else "state unknown"
 
 
-class LocalLauncher(_PerPointLauncher, _LocalBase):
+class PerPointLocalLauncher(_PerPointLauncher, _LocalBase):
     _EXECUTOR = "local"
