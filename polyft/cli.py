@@ -148,14 +148,20 @@ def compose(command: str, overrides: list[str], with_hydra: bool = False):
 
 def check_launcher_point(command: str, point: list[str]) -> None:
     """A sweep point's launcher values (cpus, memory, time, partition...), before any submission."""
-    if not any(o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher", "resources")) for o in point):
+    if not any(o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher", "resources", "plan.fit"))
+               for o in point):
         return
     from omegaconf import OmegaConf
 
     from polyft.launchers import check_launcher
 
     cfg = compose(command, point, with_hydra=True)
-    check_launcher(OmegaConf.to_container(cfg.hydra.launcher), resources=dict(cfg.resources))
+    launcher = OmegaConf.to_container(cfg.hydra.launcher)
+    check_launcher(launcher, resources=dict(cfg.resources))
+    if cfg.plan.fit and "polyft_launchers" in str(launcher.get("_target_")):
+        from polyft.plan import fit_resources
+
+        fit_resources(cfg, launcher)  # a point that fits no GPU is refused here, not at submission
 
 
 def preflight(command: str, args: list[str], files: bool = True) -> None:
