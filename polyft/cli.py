@@ -23,6 +23,7 @@ HANDLERS = {
     "eval": "polyft.eval.command",
     "run": "polyft.run",
     "report": "polyft.report",
+    "plan": "polyft.plan",
 }
 USAGE = """usage: polyft COMMAND [+exp=NAME] [group=option ...] [key=value ...] [-m]
 
@@ -32,6 +33,7 @@ commands:
   eval     per-language evaluation through lm-evaluation-harness
   run      an experiment's stages end to end (train, merge, eval, report), cached
   report   paper-style tables and plots from the runs on disk
+  plan     per run / sweep point: what it trains and the accelerator memory it needs
 
 `polyft COMMAND --help` lists the config groups and options of a command."""
 # Hydra flags that take no value / one value; they are not overrides.
@@ -133,13 +135,33 @@ def handler_for(cfg):
     return importlib.import_module(HANDLERS[cfg.command])
 
 
-def compose(command: str, overrides: list[str]):
-    """The config of one run, as Hydra composes it (hydra.* overrides are Hydra's own)."""
+def compose(command: str, overrides: list[str], with_hydra: bool = False):
+    """The config of one run, as Hydra composes it (hydra.* overrides are Hydra's own;
+    `with_hydra` keeps the hydra node, with its launcher)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"command={command}", *overrides])
+        return hydra_compose("config", overrides=[f"command={command}", *overrides],
+                             return_hydra_config=with_hydra)
+
+
+def check_launcher_point(command: str, point: list[str]) -> None:
+    """A sweep point's launcher values (cpus, memory, time, partition...), before any submission."""
+    if not any(o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher", "resources", "plan.fit"))
+               for o in point):
+        return
+    from omegaconf import OmegaConf
+
+    from polyft.launchers import check_launcher
+
+    cfg = compose(command, point, with_hydra=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher)
+    check_launcher(launcher, resources=dict(cfg.resources))
+    if cfg.plan.fit and "polyft_launchers" in str(launcher.get("_target_")):
+        from polyft.plan import fit_resources
+
+        fit_resources(cfg, launcher)  # a point that fits no GPU is refused here, not at submission
 
 
 def preflight(command: str, args: list[str], files: bool = True) -> None:
@@ -154,10 +176,11 @@ def preflight(command: str, args: list[str], files: bool = True) -> None:
         points = sweep_points(overrides, multirun)
     except (HydraException, OmegaConfBaseException) as exc:
         raise PolyftError(explain(exc)) from None
-    for point in points:
-        point = [o for o in point if not o.lstrip("+~").startswith("hydra")]
+    for full in points:
+        point = [o for o in full if not o.lstrip("+~").startswith("hydra")]
         try:
             cfg = compose(command, point)
+            check_launcher_point(command, full)
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
             raise PolyftError(explain(exc)) from None
         validate(cfg)
@@ -195,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; use one of: {', '.join(COMMANDS)}")
+    if command == "plan":  # prints, writes nothing: no run directory, no Hydra launcher
+        try:
+            return importlib.import_module(HANDLERS[command]).main(rest)
+        except PolyftError as exc:
+            fail(str(exc))
     wants_help = any(a in ("--help", "-h", "--hydra-help") for a in rest)
     if not wants_help:
         try:
@@ -208,7 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides, flags = split_args(rest)
     sys.argv = [f"polyft-{command}", *flags, f"command={command}", *overrides]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run_command)()
-    return 0
+    return sweep_status()
+
+
+def sweep_status() -> int:
+    """1 when sweep points failed under polyft's submitit launchers (each was printed with its log)."""
+    launchers = sys.modules.get("polyft.launchers")
+    if launchers is None or not launchers.FAILED:
+        return 0
+    print(f"polyft: {len(launchers.FAILED)} sweep point(s) failed; their logs are named above", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from polyft.errors import ConfigError
 from polyft.models.tiny import TinySpec
 
-COMMANDS = ("train", "merge", "eval", "run", "report")
+COMMANDS = ("train", "merge", "eval", "run", "report", "plan")
 
 
 # The tiny offline model's spec is its config group entry (`model.tiny`).
@@ -33,6 +33,13 @@ class ModelConfig:
     trust_remote_code: bool = False
     num_layers: Optional[int] = None  # known depth of a hub preset, for validating swaps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # The rest of a hub preset's architecture, for `polyft plan` without its config.json.
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    vocab_size: Optional[int] = None
+    tie_embeddings: bool = False
 
 
 @dataclass
@@ -183,6 +190,16 @@ class ReportConfig:
 
 
 @dataclass
+class PlanConfig:
+    device: str = "gpu"  # gpu: bf16 compute, as training on a GPU; cpu: fp32, as on CPU
+    batch_size: Optional[int] = None  # default: train.batch_size
+    seq_len: Optional[int] = None  # default: data.max_length
+    gpus: List[int] = field(default_factory=lambda: [24, 40, 80])  # GPU sizes (GB) to fit
+    fit: bool = False  # SLURM launcher: mem_gb (and gres) of each point from its estimate
+    gres: Dict[str, str] = field(default_factory=dict)  # plan.fit: GPU size -> gres, e.g. {"80": "gpu:a100:1"}
+
+
+@dataclass
 class RootConfig:
     command: str = "train"
     seed: int = 0
@@ -200,6 +217,10 @@ class RootConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    # Launcher values for this run, over hydra.launcher; Hydra cannot sweep hydra.* keys, so
+    # per-point resources go here: -m +resources.mem_gb=16,64 (polyft's submitit launchers)
+    resources: Dict[str, Any] = field(default_factory=dict)
     exp_name: Optional[str] = None
     experts: Dict[str, Any] = field(default_factory=dict)  # name -> overrides of the groups
     expert: Optional[str] = None  # train only this expert
@@ -357,11 +378,25 @@ def _check_eval(e) -> None:
         raise ConfigError("eval.langs is empty; give languages (e.g. [sw, te]) or null for all")
 
 
+def _check_plan(p) -> None:
+    _choice("plan.device", p.device, ("gpu", "cpu"))
+    for key in ("batch_size", "seq_len"):
+        if p[key] is not None and p[key] < 1:
+            raise ConfigError(f"plan.{key}={p[key]} is not allowed; it must be >= 1 (or null: the train config's)")
+    if not p.gpus or any(g <= 0 for g in p.gpus):
+        raise ConfigError(f"plan.gpus={list(p.gpus)} is not allowed; give GPU memory sizes in GB, e.g. [24,40,80]")
+    for size in p.gres:
+        if not str(size).isdigit() or int(size) not in p.gpus:
+            raise ConfigError(f"plan.gres.{size}: not one of plan.gpus ({', '.join(map(str, p.gpus))})")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules for the groups the command uses. Raises ConfigError (one line)."""
     _choice("command", cfg.command, COMMANDS)
     _choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
-    if cfg.command in ("train", "run"):
+    if cfg.command == "plan" or cfg.plan.fit:
+        _check_plan(cfg.plan)
+    if cfg.command in ("train", "run", "plan"):
         _check_adapter(cfg.adapter)
         _check_quant(cfg.quant)
         _check_data(cfg.data)
