@@ -5,7 +5,7 @@ A GGUF file (llama.cpp's format) is named by `model.path` (the file, or a direct
 `model.gguf_file`) or found in an installed package (`model.package`, read through its
 metadata: the package's code is never imported). transformers dequantises it to float32;
 the weights, config, generation config and the tokenizer with its chat template are saved
-to `<output_root>/models/<stem>-<sha256 prefix>/`, so the cache is keyed by the file's
+to `<output_root>/models/gguf-<sha256 prefix>/`, so the cache is keyed by the file's
 content. The directory is built in a temporary directory under a lock and renamed into
 place when complete: a killed conversion never leaves a directory a later run could take.
 
@@ -92,7 +92,7 @@ def read_architecture(path: Path) -> str:
     try:
         field = GGUFReader(str(path)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode("utf-8")
-    except (KeyError, IndexError, ValueError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # a damaged file fails anywhere in the reader (numpy, struct, ...)
         raise PolyftError(f"model.path={path}: unreadable GGUF header ({type(exc).__name__}: {exc})") from None
 
 
@@ -155,9 +155,9 @@ def file_sha256(path: Path, models_dir: Path, store: bool = True) -> str:
     return digest
 
 
-def converted_dir(path: Path, digest: str, output_root: str | os.PathLike) -> Path:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)
-    return Path(output_root) / "models" / f"{stem}-{digest[:16]}"
+def converted_dir(digest: str, output_root: str | os.PathLike) -> Path:
+    """Named by content only: the same bytes under another name or path are the same model."""
+    return Path(output_root) / "models" / f"gguf-{digest[:16]}"
 
 
 def is_converted(target: Path) -> bool:
@@ -172,7 +172,7 @@ def ensure_converted(path: Path, output_root: str | os.PathLike, build: bool = T
         raise PolyftError(f"model.path={path}: no such file")
     models_dir = Path(output_root) / "models"
     check_magic(path)
-    target = converted_dir(path, file_sha256(path, models_dir, store=build), output_root)
+    target = converted_dir(file_sha256(path, models_dir, store=build), output_root)
     if is_converted(target):
         return target.resolve()
     check_architecture(path)
