@@ -265,6 +265,7 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
 
     from polyft.data.formatting import tokenized_dataset
     from polyft.data.mixture import load_mixture
+    from polyft.models.gguf import source_of
     from polyft.models.load import load_tokenizer
 
     set_seed(cfg.seed)
@@ -293,7 +294,8 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
         _fix_adapter_base(b.dir, p.model_path)
         if cfg.merge_back and p.kind == "adapter":
             summary["merged"] = str(merge_back(b.dir, p.model_path, cfg).relative_to(b.dir))
-        b.manifest.update(base_model=p.model_path, adapter=cfg.adapter.type, quant=cfg.quant.name,
+        b.manifest.update(base_model=p.model_path, base_source=source_of(p.model_path),
+                          adapter=cfg.adapter.type, quant=cfg.quant.name,
                           final_loss=losses[-1]["loss"] if losses else None, steps=trainer.state.global_step)
     summary["artifact"] = str(b.dir)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -324,8 +326,12 @@ def command(cfg, record) -> None:
 
 
 def train_one(cfg, record) -> None:
+    from polyft.models.gguf import source_of
+
     p = plan(cfg)
     record.extra["product"] = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key)}
+    if source_of(p.model_path):  # a base converted from a GGUF file: which file, which bytes
+        record.extra["model_source"] = source_of(p.model_path)
     with p.store.lock(p.kind, p.name, p.key):
         found = existing_product(p)
         if found is not None:

@@ -164,6 +164,12 @@ def is_converted(target: Path) -> bool:
     return (target / RECORD).is_file()
 
 
+def source_of(model_dir: str | os.PathLike) -> dict | None:
+    """Where a converted directory came from (its GGUF file and sha256), else None."""
+    f = Path(model_dir) / RECORD
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def ensure_converted(path: Path, output_root: str | os.PathLike, build: bool = True) -> Path:
     """The converted directory of the GGUF file `path`; converts it on first use. With
     build=False only checks the file and returns where the directory is (or will be)."""
