@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_refused, write_gguf
+from conftest import assert_refused
 from polyft.models import gguf as gg
 
 
@@ -110,7 +110,11 @@ def test_bad_gguf_input_is_refused_before_anything_is_written(cli, tmp_path, not
     assert_refused(cli, "train", f"model.path={not_gguf}", words=["model.path", "not a GGUF file"])
     assert_refused(cli, "eval", f"model.path={not_gguf}", words=["not a GGUF file"])
     assert_refused(cli, "train", f"model.path={notanarch_gguf}", words=["notanarch", "llama"])
-    assert_refused(cli, "train", f"model.path={tmp_path / 'missing.gguf'}", words=["missing.gguf", "no such file"])
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(notanarch_gguf.read_bytes()[:40])
+    assert_refused(cli, "train", f"model.path={damaged}", words=["damaged.gguf", "unreadable GGUF header"])
+    assert_refused(cli, "train", f"model.path={tmp_path / 'missing.gguf'}",
+                   words=["missing.gguf", "no such file"])
     assert_refused(cli, "train", f"model.path={tmp_path}", "+model.gguf_file=missing.gguf",
                    words=["model.gguf_file=missing.gguf"])
     assert not list((cli.cwd / "outputs" / "models").glob(".tmp-*"))

@@ -79,7 +79,8 @@ def assert_adapter_changes_logits(adapter: Path, base_dir: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     before = probe_logits(base, base_dir)
     after = probe_logits(PeftModel.from_pretrained(base, adapter), base_dir)
@@ -108,14 +109,16 @@ def test_the_converted_model_is_smollm2(smollm2_dir, smollm2_gguf):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    text = tok.apply_chat_template([{"role": "user", "content": PROBE}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template([{"role": "user", "content": PROBE}], tokenize=False,
+                                   add_generation_prompt=True)
     assert text.endswith("<|im_start|>user\nWhat is 12 + 7?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_lora_training_steps(lora_math, smollm2_dir):
     adapter, record = lora_math
     assert record["config"]["model"]["name"] == "smollm2-135m"
-    assert record["model_source"]["sha256"] == json.loads((smollm2_dir / "polyft_gguf.json").read_text())["sha256"]
+    source = json.loads((smollm2_dir / "polyft_gguf.json").read_text())
+    assert record["model_source"]["sha256"] == source["sha256"]
     assert_adapter_changes_logits(adapter, smollm2_dir)
 
 

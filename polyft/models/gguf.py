@@ -93,7 +93,8 @@ def read_architecture(path: Path) -> str:
         field = GGUFReader(str(path)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode("utf-8")
     except Exception as exc:  # a damaged file fails anywhere in the reader (numpy, struct, ...)
-        raise PolyftError(f"model.path={path}: unreadable GGUF header ({type(exc).__name__}: {exc})") from None
+        why = (str(exc).splitlines() or [""])[0][:200]
+        raise PolyftError(f"model.path={path}: unreadable GGUF header ({type(exc).__name__}: {why})") from None
 
 
 def loadable_architectures() -> set[str]:
