@@ -80,10 +80,13 @@ class PeakMemory:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
+                # A view (t(), view, detach) of an input shares its storage: no new memory.
+                inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                          if isinstance(t, torch.Tensor)}
                 for t in tree_flatten(out)[0]:
                     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                         st = t.untyped_storage()
-                        if st.nbytes() and st.data_ptr() not in seen:
+                        if st.nbytes() and st.data_ptr() not in seen and st.data_ptr() not in inputs:
                             seen.add(st.data_ptr())
                             tracker.live += st.nbytes()
                             tracker.peak = max(tracker.peak, tracker.live)
