@@ -3,8 +3,8 @@
 The reference is what a researcher runs by hand: lm-eval's Python API with the HF model by
 path and every setting at its default (batch size 1, dtype auto, no chat template), only
 device=cpu. polyft runs with its defaults (the demo suite's group underneath, batch size 8,
-a base model object shared across models). Every metric must agree to 1e-6, and so must
-each request's loglikelihood and each generated text.
+a base model object shared across models). Every metric must agree to 1e-6, each prompt
+and generated text exactly, each request's loglikelihood to float32 rounding.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def assert_same(record: dict, artifact: Path, direct: dict) -> None:
         for a, b in zip(ours, theirs):
             assert a["arguments"] == json.loads(json.dumps(b["arguments"])), task  # prompts, few-shot, gen kwargs
             if task == "equiv_choice":
-                assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], abs=TOL)
+                # batches of 8 against 1: other matmul shapes, float32 rounding (~1e-5 on SmolLM2)
+                assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], rel=1e-5)
             else:
                 assert a["filtered_resps"] == b["filtered_resps"]
 
