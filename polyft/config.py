@@ -35,6 +35,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     num_layers: Optional[int] = None  # known depth of a hub preset, for validating swaps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # The chat template prompts are rendered with (training rows, eval with a chat template):
+    # model = the tokenizer's own (refused if it has none); plain = polyft's PLAIN_TEMPLATE.
+    chat_template: str = "model"
     # The rest of a hub preset's architecture, for `polyft plan` without its config.json.
     hidden_size: Optional[int] = None
     intermediate_size: Optional[int] = None
@@ -162,6 +165,7 @@ class EvalTaskConfig:
     num_fewshot: Optional[int] = None
     limit: Optional[int] = None
     dataset: Optional[str] = None  # hub id the task reads, for local copies and messages
+    apply_chat_template: Optional[bool] = None  # this task's prompts in the chat template
 
 
 @dataclass
@@ -181,7 +185,9 @@ class EvalConfig:
     device: Optional[str] = None
     gen_kwargs: Dict[str, Any] = field(default_factory=dict)
     langs: Optional[List[str]] = None  # keep only the suite's tasks in these languages
-    apply_chat_template: bool = False  # render prompts with the tokenizer's chat template
+    # Prompts in the model's chat template (model.chat_template): true/false for every task;
+    # null: each task entry's own apply_chat_template, else false (as lm_eval runs tasks).
+    apply_chat_template: Optional[bool] = None
 
 
 @dataclass
@@ -363,10 +369,13 @@ def _check_eval(e) -> None:
         entry = {"name": t} if isinstance(t, str) else t
         if not isinstance(entry, (dict, DictConfig)) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise ConfigError(f"eval.tasks[{i}]={t} is not allowed; give a task name or {{name: ..., lang: ...}}")
-        unknown = set(entry) - {"name", "lang", "num_fewshot", "limit", "dataset"}
+        unknown = set(entry) - {"name", "lang", "num_fewshot", "limit", "dataset", "apply_chat_template"}
         if unknown:
             raise ConfigError(f"eval.tasks[{i}].{sorted(unknown)[0]}: unknown key; allowed keys: name, lang, "
-                              "num_fewshot, limit, dataset")
+                              "num_fewshot, limit, dataset, apply_chat_template")
+        if entry.get("apply_chat_template") not in (None, True, False):
+            raise ConfigError(f"eval.tasks[{i}].apply_chat_template={entry['apply_chat_template']} is not "
+                              "allowed; use true or false")
         for key in ("num_fewshot", "limit"):
             v = entry.get(key)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (key == "limit")):
@@ -396,6 +405,7 @@ def validate(cfg: DictConfig) -> None:
     """Cross-field rules for the groups the command uses. Raises ConfigError (one line)."""
     _choice("command", cfg.command, COMMANDS)
     _choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
+    _choice("model.chat_template", cfg.model.chat_template, ("model", "plain"))
     if cfg.command == "plan" or cfg.plan.fit:
         _check_plan(cfg.plan)
     if cfg.command in ("train", "run", "plan"):

@@ -50,6 +50,8 @@ def product_key(cfg, model_path: str) -> dict:
     """The part of the config that determines the trained weights (not logging, not paths)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model["resolved"] = None if builds_tiny(cfg.model) else model_path
+    if model.get("chat_template") == "model":  # the default: product hashes stay as they were
+        del model["chat_template"]
     key = {"model": model, "quant": OmegaConf.to_container(cfg.quant, resolve=True),
            "data": OmegaConf.to_container(cfg.data, resolve=True),
            "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
@@ -144,9 +146,12 @@ def check_one(cfg) -> None:
     if p.target is not None and p.target.exists() and any(p.target.iterdir()) and existing_product(p) is None:
         raise PolyftError(f"output_dir={p.target} exists and holds something else; remove it or "
                           "choose another path")
+    from polyft.data.formatting import check_chat_template
     from polyft.data.mixture import load_mixture
 
-    load_mixture(cfg.data, is_offline(cfg.offline))
+    rows = load_mixture(cfg.data, is_offline(cfg.offline))
+    if any(r["prompt"] for r in rows):  # prompt/response rows are rendered as chat turns
+        check_chat_template(p.model_path, cfg.model.chat_template)
 
 
 # ---------------------------------------------------------------- training
@@ -272,7 +277,8 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     tokenizer = load_tokenizer(p.model_path, cfg.model.trust_remote_code, cfg.model.revision)
     rows = load_mixture(cfg.data, is_offline(cfg.offline))
-    dataset, data_key = tokenized_dataset(rows, tokenizer, cfg.output_root)
+    dataset, data_key = tokenized_dataset(rows, tokenizer, cfg.output_root, cfg.model.chat_template,
+                                          p.model_path)
     model, peft_config = build_model(cfg, p.model_path)
     work_dir = p.store.work_dir(p.kind, p.name, p.key)
     args = sft_config(cfg, work_dir, run_dir, distributed)
@@ -295,7 +301,7 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
         if cfg.merge_back and p.kind == "adapter":
             summary["merged"] = str(merge_back(b.dir, p.model_path, cfg).relative_to(b.dir))
         b.manifest.update(base_model=p.model_path, base_source=source_of(p.model_path),
-                          adapter=cfg.adapter.type, quant=cfg.quant.name,
+                          adapter=cfg.adapter.type, quant=cfg.quant.name, chat_template=cfg.model.chat_template,
                           final_loss=losses[-1]["loss"] if losses else None, steps=trainer.state.global_step)
     summary["artifact"] = str(b.dir)
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -47,6 +47,8 @@ BAD = {
     "vllm_missing": (lambda cwd: ["eval.backend=vllm"], ["eval.backend=vllm", "vllm is not installed"]),
     "bad_batch_size": (lambda cwd: ["eval.batch_size=big"], ["eval.batch_size=big"]),
     "bad_task_key": (lambda cwd: ["eval.tasks=[{name: xnli_sw, shots: 2}]"], ["eval.tasks[0].shots"]),
+    "bad_task_chat": (lambda cwd: ["eval.tasks=[{name: demo_words_en, apply_chat_template: sometimes}]"],
+                      ["eval.tasks[0].apply_chat_template=sometimes", "true or false"]),
 }
 
 

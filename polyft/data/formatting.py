@@ -8,26 +8,59 @@ by content hash so every sweep point over the same data reuses it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from polyft.errors import PolyftError
 from polyft.runs import config_hash, file_lock
 
-# For base models that ship no chat template (e.g. Llama-2 base): plain turns.
-FALLBACK_TEMPLATE = (
+# polyft's named chat template (model.chat_template=plain), for base models that ship none
+# (e.g. Llama-2 base): plain turns. Never applied unless asked for.
+PLAIN_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}\n"
     "{% else %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}### Response:\n{% endif %}"
 )
+CHAT_TEMPLATES = ("model", "plain")
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
-def ensure_chat_template(tokenizer) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = FALLBACK_TEMPLATE
+def no_template(source) -> PolyftError:
+    return PolyftError(f"model.chat_template=model: {source} ships no chat template; set "
+                       "model.chat_template=plain for polyft's plain '### User:' / '### Response:' turns")
+
+
+def ships_chat_template(path) -> bool | None:
+    """Whether the local model directory's tokenizer has a chat template (None: not a local
+    directory, e.g. a hub id, known only once the tokenizer is loaded). No transformers."""
+    p = Path(path)
+    if not (p / "tokenizer_config.json").is_file():
+        return None
+    if any((p / f).is_file() for f in _TEMPLATE_FILES):
+        return True
+    try:
+        return bool(json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_chat_template(path, choice: str) -> None:
+    """Refuse, before anything is written, a template that would have to be invented."""
+    if choice == "model" and ships_chat_template(path) is False:
+        raise no_template(path)
+
+
+def use_chat_template(tokenizer, choice: str, source) -> None:
+    """Give `tokenizer` the chat template model.chat_template names: its own, or plain."""
+    if choice == "plain":
+        tokenizer.chat_template = PLAIN_TEMPLATE
+    elif not getattr(tokenizer, "chat_template", None):
+        raise no_template(source)
 
 
 def encode(row: dict, tokenizer) -> dict:
@@ -56,11 +89,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:12]
 
 
-def tokenized_dataset(rows: list[dict], tokenizer, cache_root: str | os.PathLike):
-    """A datasets.Dataset of encoded rows, loaded from the cache when the content matches."""
+def tokenized_dataset(rows: list[dict], tokenizer, cache_root: str | os.PathLike,
+                      chat_template: str = "model", source: str = "the base model"):
+    """A datasets.Dataset of encoded rows, loaded from the cache when the content matches.
+    Rows with a prompt are rendered with the chat template `chat_template` names."""
     import datasets
 
-    ensure_chat_template(tokenizer)
+    if chat_template == "plain" or any(r["prompt"] for r in rows):
+        use_chat_template(tokenizer, chat_template, source)
     key = config_hash({"rows": config_hash(rows, 32), "tokenizer": tokenizer_fingerprint(tokenizer)})
     target = Path(cache_root) / "cache" / "data" / key
     if not (target / "dataset_info.json").exists():

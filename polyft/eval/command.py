@@ -26,8 +26,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from polyft.errors import PolyftError
+from polyft.data.formatting import check_chat_template
 from polyft.eval.data import file_identity, is_hub_dataset, plan_data, write_demo_data
-from polyft.eval.models import ModelRef, artifact_label, describe, identity, order_by_base
+from polyft.eval.models import ModelRef, artifact_label, describe, identity, order_by_base, tokenizer_source
 from polyft.eval.specs import TaskSpec, resolve_tasks
 from polyft.models.load import is_offline, resolve_model_path, set_offline_env
 from polyft.runs import ArtifactStore, config_hash, read_manifest
@@ -86,7 +87,14 @@ def plan(cfg, build: bool = True) -> Plan:
               for ref in model_refs(cfg)]
     specs = resolve_tasks(list(OmegaConf.to_container(e.tasks, resolve=True)),
                           langs=list(e.langs) if e.langs else None, include_path=e.include_path,
-                          num_fewshot=e.num_fewshot, limit=e.limit)
+                          num_fewshot=e.num_fewshot, limit=e.limit,
+                          apply_chat_template=e.apply_chat_template)
+    if any(s.chat for s in specs):  # a template is never invented: the model's own, or `plain`
+        if e.backend == "vllm" and cfg.model.chat_template == "plain":
+            raise PolyftError("model.chat_template=plain is for eval.backend=hf; vLLM renders chat "
+                              "prompts with the model's own template")
+        for m in models:
+            check_chat_template(tokenizer_source(m), cfg.model.chat_template)
     plan_data(specs, data_dir=e.data_dir, demo_root=Path(cfg.output_root) / "eval-data" / "demo",
               offline=offline, xtremeup_root=e.xtremeup_root)
     targets: dict = dict.fromkeys(model_refs(cfg))
@@ -123,7 +131,7 @@ def eval_key(cfg, m: ModelRef, specs: list[TaskSpec]) -> dict:
     for s in specs:
         generated = s.family is not None and s.family.generator is not None
         tasks.append({
-            "name": s.name, "lang": s.lang, "limit": s.limit, "num_fewshot": s.num_fewshot,
+            "name": s.name, "lang": s.lang, "limit": s.limit, "num_fewshot": s.num_fewshot, "chat": s.chat,
             "config": config_hash(s.config, 16),
             "overrides": {k: v for k, v in s.overrides.items() if k != "dataset_kwargs"},
             # demo files are named by a digest of the code and settings that generate them
@@ -135,9 +143,15 @@ def eval_key(cfg, m: ModelRef, specs: list[TaskSpec]) -> dict:
     return {"suite": e.suite, "tasks": tasks, "model": identity(m),
             "load": {"dtype": cfg.model.dtype, "revision": cfg.model.revision, "quant": quant,
                      "trust_remote_code": cfg.model.trust_remote_code},
-            "backend": e.backend, "device": _device_type(cfg), "apply_chat_template": e.apply_chat_template,
+            "backend": e.backend, "device": _device_type(cfg), "chat_template": chat_template(cfg, specs),
+            "dtype_auto": "checkpoint",  # model.dtype=auto loads config.json's dtype, as lm-eval does
             "gen_kwargs": OmegaConf.to_container(e.gen_kwargs, resolve=True), "log_samples": e.log_samples,
             "lm_eval": metadata.version("lm-eval")}
+
+
+def chat_template(cfg, specs: list[TaskSpec]) -> str | None:
+    """model.chat_template when some task renders its prompts as chat turns, else None."""
+    return cfg.model.chat_template if any(s.chat for s in specs) else None
 
 
 def _existing(p: Plan, m: ModelRef, name: str, key: dict) -> Path | None:
@@ -158,7 +172,7 @@ def _models(cfg, p: Plan):
     from polyft.eval.models import HFModels
 
     return HFModels(cfg.model, cfg.quant, allow_pickle=cfg.allow_pickle, device=e.device,
-                    batch_size=e.batch_size, apply_chat_template=e.apply_chat_template)
+                    batch_size=e.batch_size, apply_chat_template=any(s.chat for s in p.specs))
 
 
 def evaluate_model(cfg, p: Plan, m: ModelRef, backend) -> tuple[Path, list[dict]]:
@@ -170,12 +184,13 @@ def evaluate_model(cfg, p: Plan, m: ModelRef, backend) -> tuple[Path, list[dict]
     name = artifact_name(cfg, m)
     with p.store.build(KIND, name, key, target=p.targets[m.ref]) as b:
         task_dir = write_task_dir(p.specs, b.dir / "tasks")
-        results = evaluate(backend.lm(m), p.specs, task_dir, apply_chat_template=e.apply_chat_template,
+        results = evaluate(backend.lm(m), p.specs, task_dir,
                            gen_kwargs=OmegaConf.to_container(e.gen_kwargs, resolve=True),
                            log_samples=e.log_samples)
         rows = result_rows(results, m.ref, {s.name: s.lang for s in p.specs})
         write_results(b.dir, results, rows)
-        b.manifest.update(model=asdict(m), suite=e.suite, tasks=[s.name for s in p.specs])
+        b.manifest.update(model=asdict(m), suite=e.suite, tasks=[s.name for s in p.specs],
+                          chat_template=chat_template(cfg, p.specs))
     return b.dir, rows
 
 
@@ -190,8 +205,9 @@ def command(cfg, record, show_rows: bool = True) -> None:
             write_demo_data(spec)
     record.extra["eval"] = {
         "suite": cfg.eval.suite, "models": [asdict(m) for m in p.models],
+        "chat_template": chat_template(cfg, p.specs),
         "tasks": [{"name": s.name, "lang": s.lang, "limit": s.limit, "num_fewshot": s.fewshot,
-                   "data_files": s.data_files} for s in p.specs]}
+                   "apply_chat_template": s.chat, "data_files": s.data_files} for s in p.specs]}
     backend = None
     rows_by_ref: dict[str, list[dict]] = {}
     for m in order_by_base(p.models):

@@ -45,20 +45,21 @@ def task_manager(task_dir: Path):
     return TaskManager(include_path=str(task_dir), include_defaults=False)
 
 
-def evaluate(lm, specs: list[TaskSpec], task_dir: Path, *, apply_chat_template: bool = False,
-             gen_kwargs: dict | None = None, log_samples: bool = False) -> dict:
-    """lm-eval's simple_evaluate on the tasks: one call per distinct limit, one model."""
+def evaluate(lm, specs: list[TaskSpec], task_dir: Path, *, gen_kwargs: dict | None = None,
+             log_samples: bool = False) -> dict:
+    """lm-eval's simple_evaluate on the tasks, one model: one call per distinct (limit, chat
+    template or not), everything else at simple_evaluate's defaults (seeds, fewshot order)."""
     import lm_eval
 
     tm = task_manager(task_dir)
-    by_limit: dict = {}
+    groups: dict = {}
     for spec in specs:
-        by_limit.setdefault(spec.limit, []).append(spec.name)
+        groups.setdefault((spec.limit, spec.chat), []).append(spec.name)
     parts = []
-    for limit, names in by_limit.items():
+    for (limit, chat), names in groups.items():
         parts.append(lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=log_samples,
-            apply_chat_template=apply_chat_template, gen_kwargs=dict(gen_kwargs) if gen_kwargs else None))
+            apply_chat_template=chat, gen_kwargs=dict(gen_kwargs) if gen_kwargs else None))
     return merge_results(parts)
 
 

@@ -86,6 +86,11 @@ def identity(m: ModelRef) -> dict:
     return ident
 
 
+def tokenizer_source(m: ModelRef) -> str:
+    """Where `m`'s tokenizer is read from: its own directory if it holds one, else its base."""
+    return m.path if (Path(m.path) / "tokenizer_config.json").is_file() else m.base_path
+
+
 def artifact_label(m: ModelRef, base_name: str) -> str:
     return base_name if m.ref == "base" else Path(m.path).name
 
@@ -119,7 +124,7 @@ class HFModels:
         self.quant_cfg = quant_cfg if quant_cfg is not None and quant_cfg.bits else None
         self.device = resolve_device(device)
         self.batch_size = resolve_batch_size(batch_size, self.device)
-        self.apply_chat_template = apply_chat_template
+        self.apply_chat_template = apply_chat_template  # some task renders prompts as chat turns
 
     def _key(self, path: str) -> str:
         quant = dict(self.quant_cfg) if self.quant_cfg is not None else None
@@ -137,8 +142,11 @@ class HFModels:
         from polyft.models.load import load_base
 
         device_map = None if self.device == "cpu" else {"": self.device}
+        # lm-eval's dtype=auto is the checkpoint's own dtype (config.json), not polyft's
+        # training rule (fp32 on CPU, bf16 on GPU); a quantised base keeps polyft's rule.
+        dtype = "auto" if self.model_cfg.dtype == "auto" and self.quant_cfg is None else None
         model = load_base(path, self.model_cfg, self.quant_cfg, allow_pickle=self.allow_pickle,
-                          device_map=device_map)
+                          device_map=device_map, dtype=dtype)
         model.eval()
         _KEPT.update(key=self._key(path), model=model, peft=None, adapter=None, count=0)
         return model
@@ -164,14 +172,18 @@ class HFModels:
         return _KEPT["peft"]
 
     def tokenizer_for(self, m: ModelRef):
-        from polyft.data.formatting import ensure_chat_template
-        from polyft.models.load import load_tokenizer
+        """The tokenizer as lm-eval's HFLM loads it (fast, no pad token invented here: HFLM
+        picks one as it does for a path), with model.chat_template's template if asked for."""
+        from transformers import AutoTokenizer
 
-        source = m.path if (Path(m.path) / "tokenizer_config.json").is_file() else m.base_path
+        from polyft.data.formatting import use_chat_template
+
+        source = tokenizer_source(m)
         revision = None if Path(source).is_dir() else self.model_cfg.revision  # a hub base's pin
-        tok = load_tokenizer(source, bool(self.model_cfg.trust_remote_code), revision)
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True,
+                                            trust_remote_code=bool(self.model_cfg.trust_remote_code))
         if self.apply_chat_template:
-            ensure_chat_template(tok)  # the template polyft trains with when a base has none
+            use_chat_template(tok, self.model_cfg.get("chat_template", "model"), source)
         return tok
 
     def lm(self, m: ModelRef):

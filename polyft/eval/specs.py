@@ -26,7 +26,7 @@ from polyft.data.synthetic import LANGS as SYNTHETIC_LANGS
 from polyft.errors import PolyftError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-ENTRY_KEYS = ("name", "lang", "num_fewshot", "limit", "dataset")
+ENTRY_KEYS = ("name", "lang", "num_fewshot", "limit", "dataset", "apply_chat_template")
 
 # XL-Sum's dataset configs are English language names; polyft tasks use ISO 639-1 codes.
 XLSUM_CONFIGS = {
@@ -81,6 +81,7 @@ class TaskSpec:
     family: Family | None = None
     overrides: dict = field(default_factory=dict)  # keys the generated task YAML sets
     data_files: dict = field(default_factory=dict)  # split -> local file it reads
+    chat: bool = False  # prompts rendered with the chat template (lm_eval's default: no)
 
     @property
     def fewshot(self) -> int:
@@ -250,8 +251,10 @@ def normalize_entry(entry: Any) -> dict:
 
 
 def resolve_tasks(entries: list, *, langs: list[str] | None = None, include_path: str | None = None,
-                  num_fewshot: int | None = None, limit: int | None = None) -> list[TaskSpec]:
-    """TaskSpecs for a suite's task entries; eval-wide num_fewshot/limit win over an entry's."""
+                  num_fewshot: int | None = None, limit: int | None = None,
+                  apply_chat_template: bool | None = None) -> list[TaskSpec]:
+    """TaskSpecs for a suite's task entries; eval-wide num_fewshot/limit/apply_chat_template
+    win over an entry's."""
     roots = []
     if include_path:
         user = Path(include_path).expanduser().resolve()
@@ -286,7 +289,8 @@ def resolve_tasks(entries: list, *, langs: list[str] | None = None, include_path
         specs.append(TaskSpec(
             name=name, lang=e["lang"] or task_language(name, config), source=source, config=config,
             num_fewshot=num_fewshot if num_fewshot is not None else e["num_fewshot"],
-            limit=limit if limit is not None else e["limit"], dataset=e["dataset"], family=family))
+            limit=limit if limit is not None else e["limit"], dataset=e["dataset"], family=family,
+            chat=bool(apply_chat_template if apply_chat_template is not None else e["apply_chat_template"])))
     return select_languages(specs, langs)
 
 

@@ -156,13 +156,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     return tok
 
 
-def load_base(path: str, model_cfg, quant_cfg=None, allow_pickle: bool = False, device_map=None):
-    """The base model, quantised when quant_cfg.bits is 4 or 8. fp32 on CPU, bf16 on GPU."""
+def load_base(path: str, model_cfg, quant_cfg=None, allow_pickle: bool = False, device_map=None,
+              dtype=None):
+    """The base model, quantised when quant_cfg.bits is 4 or 8. model.dtype=auto: fp32 on CPU,
+    bf16 on GPU; `dtype` overrides it ("auto": the checkpoint's own, as lm-eval loads it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     on_gpu = torch.cuda.is_available()
-    dtype = torch_dtype(model_cfg.dtype, on_gpu)
+    if dtype != "auto":
+        dtype = torch_dtype(dtype or model_cfg.dtype, on_gpu)
     qconf = quantization_config(quant_cfg, dtype) if quant_cfg is not None else None
     kwargs = dict(dtype=dtype, trust_remote_code=bool(model_cfg.trust_remote_code),
                   use_safetensors=None if allow_pickle else True)
