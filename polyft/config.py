@@ -237,6 +237,7 @@ class RootConfig:
     exp_name: Optional[str] = None
     experts: Dict[str, Any] = field(default_factory=dict)  # name -> overrides of the groups
     expert: Optional[str] = None  # train only this expert
+    expert_root: Optional[Dict[str, Any]] = None  # set by experiment.expert_cfg: the root's groups
     baselines: Dict[str, Any] = field(default_factory=dict)  # name -> merge config, beside `merge`
 
 
