@@ -105,7 +105,7 @@ def test_product_is_the_weighted_sum_and_loads_with_plain_peft(cli, inputs):
 def test_same_seed_same_bits_and_renamed_fields(cli, inputs):
     args = [*ARGS, adapters_arg(inputs, "a0", "a1", "a2"), "merge.optimizer=CMA", "merge.seed=3"]
     products = []
-    for i, data in enumerate(["shots", "shots", "renamed"]):
+    for i, data in enumerate(["shots", "renamed"]):  # the same rows, under other field names
         extra = ["merge.prompt_field=q", "merge.response_field=a"] if data == "renamed" else []
         out = cli.cwd / f"p{i}"
         # a fresh output_root each time: nothing is reused, every product is searched anew
@@ -114,8 +114,8 @@ def test_same_seed_same_bits_and_renamed_fields(cli, inputs):
         assert proc.returncode == 0, proc.stderr[-3000:]
         products.append(((out / "adapter_model.safetensors").read_bytes(),
                          json.loads((out / "manifest.json").read_text())))
-    assert products[0][0] == products[1][0] == products[2][0]
-    assert products[0][1]["trajectory"] == products[1][1]["trajectory"] == products[2][1]["trajectory"]
+    assert products[0][0] == products[1][0]
+    assert products[0][1]["trajectory"] == products[1][1]["trajectory"]
     assert len({tuple(t["weights"]) for t in products[0][1]["trajectory"]}) > 1  # CMA explored
 
 
