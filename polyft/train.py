@@ -121,14 +121,9 @@ def check(cfg) -> None:
         from polyft.config import validate
         from polyft.experiment import expert_cfg
 
-        from omegaconf import open_dict
-
         for name in ([cfg.expert] if cfg.expert else list(cfg.experts)):
             ecfg = expert_cfg(cfg, name)
-            alone = ecfg.copy()  # validated as one training: the other experts are not derived from it
-            with open_dict(alone):
-                alone.experts, alone.baselines, alone.expert = {}, {}, None
-            validate(alone)
+            validate(ecfg)
             check_one(ecfg)
         return
     check_one(cfg)
