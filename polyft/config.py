@@ -151,6 +151,17 @@ class MergeConfig:
     transition_top: int = 0
     blend: List[float] = field(default_factory=lambda: [0.5, 0.5])
     non_layer: str = "average"  # outer | middle | average
+    # merge=lorahub (polyft/merge/lorahub.py): LoRAs composed with searched weights
+    adapters: List[Any] = field(default_factory=list)  # LoRA directories or expert names
+    data: Any = None  # few-shot examples: a jsonl path, a data option name or a data config mapping
+    prompt_field: str = "prompt"  # jsonl columns of the few-shot file
+    response_field: str = "response"
+    budget: int = 40  # candidate evaluations
+    bounds: List[float] = field(default_factory=lambda: [-1.5, 1.5])
+    l1: float = 0.05  # objective: few-shot loss + l1 * mean |w|
+    optimizer: str = "NGOpt"  # a nevergrad optimizer name
+    batch_size: int = 8  # few-shot rows per forward pass
+    max_length: Optional[int] = None  # tokens per row; default: the data config's (jsonl: 1024)
     dtype: Optional[str] = None  # default: the inputs'
     shard_size: str = "2GB"
     config_source: Optional[str] = None
@@ -232,6 +243,7 @@ class RootConfig:
     exp_name: Optional[str] = None
     experts: Dict[str, Any] = field(default_factory=dict)  # name -> overrides of the groups
     expert: Optional[str] = None  # train only this expert
+    expert_root: Optional[Dict[str, Any]] = None  # set by experiment.expert_cfg: the root's groups
     baselines: Dict[str, Any] = field(default_factory=dict)  # name -> merge config, beside `merge`
 
 
@@ -349,6 +361,28 @@ def _check_merge(m) -> None:
                           "two weights >= 0 with a positive sum")
     if parse_size(m.shard_size) <= 0:
         raise ConfigError(f"merge.shard_size={m.shard_size} is not allowed; it must be > 0")
+    if m.method == "lorahub":
+        _check_lorahub(m)
+
+
+def _check_lorahub(m) -> None:
+    """Values of merge=lorahub; polyft.merge.lorahub.check does the adapters and the data."""
+    if len(m.adapters) < 2:
+        raise ConfigError(f"merge.adapters has {len(m.adapters)} adapter(s); merge=lorahub composes two or "
+                          "more LoRA directories: merge.adapters=[a,b,...]")
+    if m.budget <= 0:
+        raise ConfigError(f"merge.budget={m.budget} is not allowed; the number of candidate evaluations must be > 0")
+    if len(m.bounds) != 2 or not m.bounds[0] < m.bounds[1]:
+        raise ConfigError(f"merge.bounds={list(m.bounds)} is not allowed; give [low, high] with low < high")
+    if m.l1 < 0:
+        raise ConfigError(f"merge.l1={m.l1} is not allowed; the L1 coefficient must be >= 0")
+    if m.batch_size < 1:
+        raise ConfigError(f"merge.batch_size={m.batch_size} is not allowed; it must be >= 1")
+    if m.max_length is not None and m.max_length <= 8:
+        raise ConfigError(f"merge.max_length={m.max_length} is not allowed; it must be > 8 (or null)")
+    if m.data is None or (isinstance(m.data, str) and not m.data.strip()):
+        raise ConfigError("merge.data is missing; merge=lorahub needs the few-shot examples: a jsonl file "
+                          "with prompt and response fields, a data option name or a data config")
 
 
 def _check_eval(e) -> None:

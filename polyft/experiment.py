@@ -37,8 +37,14 @@ def expert_cfg(cfg: DictConfig, name: str) -> DictConfig:
                           f"its experts: {', '.join(cfg.experts) or '(none)'}")
     spec = cfg.experts[name]
     out = copy.deepcopy(cfg)
+    # Always on top of the root's groups: an expert's config (cont, with init_from) that
+    # derives another expert's (the one it starts from) must not pass its overrides on.
+    root = cfg.expert_root if cfg.expert_root is not None else {g: cfg[g] for g in GROUPS}
     with open_dict(out):
         out.expert = name
+        out.expert_root = copy.deepcopy(root)
+    for g in GROUPS:
+        out[g] = copy.deepcopy(root[g])
     for key, value in spec.items():
         if key not in GROUPS:
             raise PolyftError(f"experts.{name}.{key}: not a trainable group; allowed: {', '.join(GROUPS)}")
@@ -52,7 +58,7 @@ def expert_cfg(cfg: DictConfig, name: str) -> DictConfig:
 
 def merge_names(cfg: DictConfig) -> list[str]:
     names = list(cfg.baselines)
-    if cfg.merge.models or cfg.merge.middle:
+    if cfg.merge.models or cfg.merge.middle or cfg.merge.adapters:
         names.insert(0, main_merge_name(cfg))
     return names
 
@@ -99,7 +105,8 @@ def resolve_ref(cfg: DictConfig, ref: str) -> Path:
         if found is None:
             raise MissingArtifactError(f"expert '{ref}' is not trained yet; run: polyft train +exp={exp} expert={ref}")
         return found
-    if ref in cfg.baselines or (ref == main_merge_name(cfg) and (cfg.merge.models or cfg.merge.middle)):
+    if ref in cfg.baselines or (ref == main_merge_name(cfg) and (cfg.merge.models or cfg.merge.middle
+                                                                  or cfg.merge.adapters)):
         found = find_merged(merge_cfg(cfg, ref))
         if found is None:
             raise MissingArtifactError(f"merge '{ref}' is not made yet; run: polyft merge +exp={exp}")
@@ -142,7 +149,7 @@ def validate_experiment(cfg: DictConfig) -> None:
     for name in merge_names(cfg):
         m = merge_cfg(cfg, name).merge
         where = "merge" if name == main_merge_name(cfg) and name not in cfg.baselines else f"baselines.{name}"
-        for ref in [*m.models, m.base, m.middle, m.outer]:
+        for ref in [*m.models, *m.adapters, m.base, m.middle, m.outer]:
             if ref is not None and str(ref) not in produced and not Path(str(ref)).exists():
                 raise PolyftError(f"{where} names model '{ref}', which no stage of exp={cfg.exp_name} "
                                   f"produces; known: {', '.join(sorted(produced))}")

@@ -1,0 +1,389 @@
+"""merge=lorahub: compose LoRAs with weights searched on a few examples (Huang et al., 2023).
+
+Given LoRAs (A_i [r, in], B_i [out, r] per module) on one base, the composed module is
+
+    A* = sum_i w_i A_i,    B* = sum_i w_i B_i        (not sum_i w_i B_i A_i)
+
+and w is found by nevergrad's gradient-free optimiser, bounded to merge.bounds, minimising
+the few-shot loss (response tokens only, rows formatted exactly as `polyft train` formats
+them) + merge.l1 * mean |w|. The best evaluated candidate is kept.
+
+The search loads the base once and puts the first adapter into it with PEFT; a candidate
+is evaluated by writing its A*, B* into the live lora_A / lora_B weights in place and
+running the forward passes, so a candidate costs about one forward pass over the shots.
+
+Ranks must be equal, and so must alpha and rsLoRA: zero-padding a smaller rank would be
+exact for the sum, but the adapters' scalings alpha/r would then differ and the product has
+one scaling, so the product's tensors would no longer be sum w_i A_i. Refused instead.
+
+Reads top to bottom: inputs (no torch), then the maths, the objective, the search, build.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from polyft.errors import ConfigError, PolyftError
+
+KEY = "merge.adapters"
+# adapter_config.json entries that change what the factors mean; they must agree
+_SAME = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+_JSONL_MAX_LENGTH = 1024
+
+
+# ---------------------------------------------------------------- inputs (no torch)
+
+@dataclass
+class Inputs:
+    adapters: list[Path]  # in the order of merge.adapters
+    keys: list[str]  # merge.adapters[i], for messages
+    configs: list[dict]
+    names: list[str]  # the tensor names every adapter holds (lora_A / lora_B)
+    base: Path
+
+
+def _base_identity(ref: str) -> str:
+    p = Path(ref).expanduser()
+    return str(p.resolve()) if p.exists() else ref
+
+
+def resolve_inputs(cfg) -> Inputs:
+    """The adapter directories, after the rules that make their sum well defined."""
+    from polyft.merge.adapter_space import WEIGHTS_FILE, read_lora_config
+    from polyft.merge.command import resolve_ref
+    from polyft.merge.io import read_header
+
+    m = cfg.merge
+    if len(m.adapters) < 2:
+        raise ConfigError(f"{KEY} has {len(m.adapters)} adapter(s); merge=lorahub composes two or more "
+                          "LoRA directories: merge.adapters=[a,b,...]")
+    paths, keys, configs, shapes = [], [], [], []
+    for i, ref in enumerate(m.adapters):
+        key = f"{KEY}[{i}]"
+        if not isinstance(ref, str) or not ref:
+            raise ConfigError(f"{key}={ref}: expected a LoRA adapter directory or an expert name")
+        try:
+            path = resolve_ref(cfg, ref)
+        except PolyftError as exc:
+            raise type(exc)(f"{key}: {exc}") from None
+        conf = read_lora_config(path, f"{key}={ref}")
+        header, _ = read_header(path / WEIGHTS_FILE)
+        others = [n for n in header if ".lora_A." not in n and ".lora_B." not in n]
+        if others:
+            raise PolyftError(f"{key}={path}: holds tensors other than LoRA factors ({others[0]}, e.g. "
+                              "modules_to_save); only plain LoRA adapters can be composed")
+        paths.append(path)
+        keys.append(key)
+        configs.append(conf)
+        shapes.append({n: tuple(h["shape"]) for n, h in header.items()})
+    first = configs[0]
+    for key, path, conf, shape in zip(keys[1:], paths[1:], configs[1:], shapes[1:]):
+        targets = [sorted(c["target_modules"]) if isinstance(c.get("target_modules"), list)
+                   else c.get("target_modules") for c in (first, conf)]
+        if targets[0] != targets[1]:
+            raise PolyftError(f"{key}={path}: target modules {targets[1]} differ from {KEY}[0]'s {targets[0]}; "
+                              "composed LoRAs must adapt the same modules")
+        if set(shape) != set(shapes[0]):
+            odd = sorted(set(shape) ^ set(shapes[0]))[0]
+            raise PolyftError(f"{key}={path}: its LoRA modules differ from {KEY}[0]'s (e.g. {odd}); "
+                              "composed LoRAs must adapt the same modules")
+        for field in _SAME:
+            if conf.get(field) != first.get(field):
+                raise PolyftError(f"{key}={path}: {field}={conf.get(field)} but {KEY}[0] has "
+                                  f"{field}={first.get(field)}; lorahub sums A_i (r x in) and B_i (out x r), "
+                                  "so rank, alpha and rsLoRA must be equal")
+        bad = next((n for n in shape if shape[n] != shapes[0][n]), None)
+        if bad is not None:
+            raise PolyftError(f"{key}={path}: {bad} has shape {list(shape[bad])}, {KEY}[0] has "
+                              f"{list(shapes[0][bad])}; lorahub needs equal ranks and the same base")
+    bases = [_base_identity(str(c.get("base_model_name_or_path") or "")) for c in configs]
+    for key, path, b in zip(keys[1:], paths[1:], bases[1:]):
+        if b != bases[0]:
+            raise PolyftError(f"{key}={path}: its base is {b or '(none)'}, {KEY}[0]'s is {bases[0] or '(none)'}; "
+                              "composed LoRAs must share one base model")
+    if m.base:
+        try:
+            base = resolve_ref(cfg, m.base)
+        except PolyftError as exc:
+            raise type(exc)(f"merge.base: {exc}") from None
+        where = f"merge.base={m.base}"
+    else:
+        base, where = Path(bases[0]), f"{KEY}[0]={paths[0]} names base {bases[0]!r}, which"
+    if not (Path(base) / "config.json").is_file():
+        raise PolyftError(f"{where} is not a local model directory; set merge.base=PATH to the base model")
+    return Inputs(paths, keys, configs, sorted(shapes[0]), Path(base).resolve())
+
+
+def _data_config(node):
+    from omegaconf import OmegaConf
+
+    from polyft.config import DataConfig, _check_data
+
+    dc = OmegaConf.merge(OmegaConf.structured(DataConfig), node)
+    _check_data(dc)
+    return dc
+
+
+def _data_option(name: str):
+    from omegaconf import OmegaConf
+
+    f = Path(__file__).resolve().parents[1] / "conf" / "data" / f"{name}.yaml"
+    return OmegaConf.load(f) if f.is_file() and "/" not in name else None
+
+
+def few_shot_rows(cfg) -> tuple[list[dict], int]:
+    """The few-shot rows {prompt, response, lang, task} and the tokens kept per row."""
+    from omegaconf import DictConfig
+
+    from polyft.models.load import is_offline
+
+    m = cfg.merge
+    data = m.data
+    if data is None or (isinstance(data, str) and not data.strip()):
+        raise ConfigError("merge.data is missing; merge=lorahub needs the few-shot examples: a jsonl file "
+                          "with prompt and response fields, a data option name or a data config")
+    if isinstance(data, (dict, DictConfig)) or (isinstance(data, str) and _data_option(data) is not None):
+        from polyft.data.mixture import load_mixture
+
+        dc = _data_config(data if not isinstance(data, str) else _data_option(data))
+        rows = load_mixture(dc, is_offline(cfg.offline))
+        return rows, m.max_length or dc.max_length
+    path = Path(str(data)).expanduser()
+    if not path.is_file():
+        raise PolyftError(f"merge.data={data}: no such file; give a jsonl file with "
+                          f"{m.prompt_field} and {m.response_field} fields, or a data option name")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise PolyftError(f"merge.data={data}: line {i} is not valid JSON") from None
+            if not isinstance(row, dict) or m.prompt_field not in row or m.response_field not in row:
+                have = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+                raise PolyftError(f"merge.data={data}: line {i} lacks {m.prompt_field!r} or {m.response_field!r} "
+                                  f"(has: {have}); set merge.prompt_field / merge.response_field")
+            rows.append({"prompt": str(row[m.prompt_field]), "response": str(row[m.response_field]),
+                         "lang": str(row.get("lang") or ""), "task": row.get("task")})
+    if not rows:
+        raise PolyftError(f"merge.data={data}: the few-shot file has no rows")
+    return rows, m.max_length or _JSONL_MAX_LENGTH
+
+
+def check(cfg) -> None:
+    from polyft.config import _check_lorahub
+    from polyft.runs import config_hash, read_manifest
+
+    _check_lorahub(cfg.merge)
+    resolve_inputs(cfg)
+    few_shot_rows(cfg)
+    from nevergrad.optimization import registry
+
+    if cfg.merge.optimizer not in registry:
+        close = [n for n in ("NGOpt", "CMA", "TwoPointsDE", "OnePlusOne", "Cobyla") if n in registry]
+        raise ConfigError(f"merge.optimizer={cfg.merge.optimizer} is not a nevergrad optimizer; "
+                          f"use e.g. {', '.join(close)}")
+    if cfg.output_dir:
+        target = Path(cfg.output_dir).resolve()
+        manifest = read_manifest(target) if target.is_dir() else None
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and \
+                (not manifest or manifest.get("hash") != config_hash(product_key(cfg))):
+            raise PolyftError(f"output_dir={target} exists and holds something else; remove it or "
+                              "choose another path")
+
+
+def product_key(cfg) -> dict:
+    """Search parameters, the inputs' identity and the few-shot rows' content."""
+    from importlib.metadata import version
+
+    from polyft.merge.command import fingerprint
+    from polyft.runs import config_hash
+
+    m = cfg.merge
+    inputs = resolve_inputs(cfg)
+    rows, max_length = few_shot_rows(cfg)
+    params = {k: m[k] for k in ("method", "budget", "l1", "seed", "optimizer", "batch_size")}
+    params.update(bounds=[float(b) for b in m.bounds], max_length=max_length, nevergrad=version("nevergrad"))
+    return {"merge": params,
+            "adapters": [{"path": str(p), **fingerprint(p)} for p in inputs.adapters],
+            "base": {"path": str(inputs.base), **fingerprint(inputs.base)},
+            "rows": config_hash(rows, 32)}
+
+
+# ---------------------------------------------------------------- maths
+
+def compose(factors: list, weights: list[float]):
+    """sum_i w_i F_i, accumulated in float32 in input order (the order fixes the bits)."""
+    import torch
+
+    out = torch.zeros_like(factors[0], dtype=torch.float32)
+    for w, f in zip(weights, factors):
+        out.add_(f.to(torch.float32), alpha=w)
+    return out
+
+
+def composed_tensors(adapters: list, names: list[str], weights: list[float]) -> dict:
+    """The product's safetensors: every lora_A and lora_B entry composed with `weights`."""
+    return {n: compose([a.tensors[n] for a in adapters], weights).to(adapters[0].tensors[n].dtype)
+            for n in names}
+
+
+# ---------------------------------------------------------------- the objective
+
+def few_shot_batches(rows: list[dict], tokenizer, max_length: int, batch_size: int) -> list[tuple]:
+    """(input_ids, attention_mask, labels) batches; labels are -100 outside the response.
+    Rows are encoded by polyft.data.formatting.encode, as training encodes them, and sorted
+    by length so that batches carry little padding."""
+    import torch
+
+    from polyft.data.formatting import encode, ensure_chat_template
+
+    ensure_chat_template(tokenizer)
+    encoded = []
+    for r in rows:
+        e = encode({"lang": "", **r}, tokenizer)
+        ids, mask = e["input_ids"][:max_length], e["completion_mask"][:max_length]
+        if any(mask):
+            encoded.append((ids, [t if keep else -100 for t, keep in zip(ids, mask)]))
+    if not encoded:
+        raise PolyftError(f"merge.data: no row keeps a response token within max_length={max_length}")
+    encoded.sort(key=lambda e: len(e[0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for j, (row_ids, row_labels) in enumerate(chunk):
+            ids[j, :len(row_ids)] = torch.tensor(row_ids)
+            attn[j, :len(row_ids)] = 1
+            labels[j, :len(row_ids)] = torch.tensor(row_labels)
+        batches.append((ids, attn, labels))
+    return batches
+
+
+def few_shot_loss(model, batches: list[tuple]) -> float:
+    """Mean cross-entropy over every response token of the batches (token-weighted)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids, attn, labels in batches:
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            target = labels[:, 1:]
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                     ignore_index=-100, reduction="sum").item()
+            count += int((target != -100).sum())
+    return total / count
+
+
+def live_factors(model, names: list[str]) -> dict:
+    """Saved tensor name -> the live PEFT parameter it is loaded into (adapter 'default')."""
+    params = dict(model.named_parameters())
+    out = {}
+    for n in names:
+        live = n.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        if live not in params:
+            raise PolyftError(f"{KEY}: the adapter's tensor {n} has no module in the loaded model")
+        out[n] = params[live]
+    return out
+
+
+class Composer:
+    """The base loaded once with one LoRA module per target; a candidate w is written into it."""
+
+    def __init__(self, base: Path, adapters: list, names: list[str]):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        self.model = PeftModel.from_pretrained(model, str(adapters[0].path)).eval()
+        self.live = live_factors(self.model, names)
+        self.factors = {n: [a.tensors[n].to(torch.float32) for a in adapters] for n in names}
+
+    def set_weights(self, weights: list[float]) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, param in self.live.items():
+                param.copy_(compose(self.factors[n], weights))
+
+
+# ---------------------------------------------------------------- the search
+
+def search(loss_fn, n: int, budget: int, bounds: tuple[float, float], l1: float, seed: int,
+           optimizer: str) -> dict:
+    """Minimise loss_fn(w) + l1 * mean|w| over w in [low, high]^n with `budget` evaluations.
+    Candidates are asked one at a time, so the same seed and losses give the same path."""
+    import nevergrad as ng
+    import numpy as np
+
+    low, high = float(bounds[0]), float(bounds[1])
+    # The paper starts from w = 0 (the base model); bounds that exclude 0 start mid-range.
+    init = np.zeros(n) if low < 0 < high else np.full(n, (low + high) / 2)
+    param = ng.p.Array(init=init, lower=low, upper=high)
+    param.random_state = np.random.RandomState(seed)
+    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget, num_workers=1)
+    trajectory = []
+    for step in range(budget):
+        cand = opt.ask()
+        w = [float(x) for x in cand.value]
+        loss = float(loss_fn(w))
+        value = loss + l1 * sum(abs(x) for x in w) / n
+        opt.tell(cand, value)
+        trajectory.append({"step": step, "weights": w, "loss": loss, "objective": value})
+    best = min(trajectory, key=lambda t: (t["objective"], t["step"]))
+    return {"best": best, "trajectory": trajectory}
+
+
+def build(cfg, out_dir: Path) -> dict:
+    """Search the weights on the few-shot rows, then write the composed LoRA into out_dir."""
+    import torch
+
+    from polyft.merge.adapter_space import copy_tokenizer, read_lora, write_lora
+    from polyft.merge.io import has_tokenizer
+    from polyft.models.load import load_tokenizer
+
+    m = cfg.merge
+    inputs = resolve_inputs(cfg)
+    rows, max_length = few_shot_rows(cfg)
+    adapters = [read_lora(p, k) for p, k in zip(inputs.adapters, inputs.keys)]
+    torch.manual_seed(m.seed)
+    tok_dir = next((p for p in inputs.adapters if has_tokenizer(p)), inputs.base)
+    batches = few_shot_batches(rows, load_tokenizer(str(tok_dir)), max_length, m.batch_size)
+    composer = Composer(inputs.base, adapters, inputs.names)
+
+    def loss_fn(w):
+        composer.set_weights(w)
+        return few_shot_loss(composer.model, batches)
+
+    start = time.perf_counter()
+    result = search(loss_fn, len(adapters), m.budget, tuple(m.bounds), m.l1, m.seed, m.optimizer)
+    seconds = time.perf_counter() - start
+    best = result["best"]
+    config = {**inputs.configs[0], "base_model_name_or_path": str(inputs.base)}
+    write_lora(out_dir, config, composed_tensors(adapters, inputs.names, best["weights"]))
+    copy_tokenizer(out_dir, *inputs.adapters, inputs.base)
+    losses = [t["loss"] for t in result["trajectory"]]
+    manifest = {"adapters": [str(p) for p in inputs.adapters], "refs": [str(r) for r in m.adapters],
+                "base": str(inputs.base), "weights": best["weights"], "best_objective": best["objective"],
+                "best_loss": best["loss"], "best_step": best["step"], "optimizer": m.optimizer,
+                "budget": m.budget, "bounds": [float(b) for b in m.bounds], "l1": m.l1, "seed": m.seed,
+                "shots": len(rows), "response_tokens": sum(int((b[2][:, 1:] != -100).sum()) for b in batches),
+                "seconds": seconds, "seconds_per_candidate": seconds / m.budget,
+                "trajectory": result["trajectory"]}
+    metrics = {"lorahub_weights": best["weights"], "lorahub_best_objective": best["objective"],
+               "lorahub_best_loss": best["loss"], "lorahub_loss_trajectory": losses,
+               "lorahub_seconds_per_candidate": seconds / m.budget}
+    print(f"polyft: lorahub weights {', '.join(f'{w:+.3f}' for w in best['weights'])} "
+          f"(few-shot loss {losses[0]:.4f} at step 0 -> {best['loss']:.4f} at step {best['step']})")
+    return {"manifest": manifest, "metrics": metrics}
