@@ -199,6 +199,7 @@ class ReportConfig:
     dir: Optional[str] = None  # a run or sweep directory to report on; default: the experiment's runs
     metric: Optional[str] = None  # default: each task's first metric
     out: Optional[str] = None  # default: <output_root>/reports/<exp_name>
+    groups: Dict[str, List[str]] = field(default_factory=dict)  # e.g. {seen: [tasks], held_out: [tasks]}: a table by group
 
 
 @dataclass
