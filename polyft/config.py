@@ -58,7 +58,7 @@ class AdapterConfig:
     features: List[str] = field(default_factory=lambda: ["task", "lang"])
     ranks: Dict[str, int] = field(default_factory=dict)  # feature type -> rank, e.g. {task: 16, lang: 8}
     feature_dropout: float = 0.1  # each feature of an example dropped with this probability in training
-    # lora: an expert of this experiment with adapter=flix; r becomes the rank with its parameter count
+    # lora: an expert with adapter=flix; r becomes the rank with its parameter count, alpha / r its scale
     match: Optional[str] = None
 
 
@@ -280,7 +280,7 @@ def _check_adapter(a) -> None:
     elif a.type != "full":
         if a.r <= 0:
             raise ConfigError(f"adapter.r={a.r} is not allowed; the LoRA rank must be a positive integer")
-        if isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or a.alpha <= 0:
+        if not a.match and (isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or a.alpha <= 0):
             raise ConfigError(f"adapter.alpha={a.alpha} is not allowed; it must be a number > 0")
         if not 0 <= a.dropout < 1:
             raise ConfigError(f"adapter.dropout={a.dropout} is not allowed; it must be in [0, 1)")

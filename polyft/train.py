@@ -55,9 +55,25 @@ def product_key(cfg, model_path: str) -> dict:
            "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                      if k not in _LOG_ONLY},
            "seed": cfg.seed, "merge_back": cfg.merge_back}
-    key["adapter"] = OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.adapter.type != "full" \
-        else {"type": "full"}
+    key["adapter"] = adapter_key(cfg.adapter)
     return key
+
+
+FLIX_ONLY = ("features", "ranks", "feature_dropout")
+LORA_ONLY = ("r", "rslora", "dora", "match")
+
+
+def adapter_key(adapter) -> dict:
+    """The adapter settings that shape the weights: only those of its type (a LoRA's key is
+    what it was before FLix existed; match is already folded into r and alpha)."""
+    if adapter.type == "full":
+        return {"type": "full"}
+    a = OmegaConf.to_container(adapter, resolve=True)
+    if a["type"] == "flix":
+        return {k: v for k, v in a.items() if k not in LORA_ONLY}
+    a = {k: v for k, v in a.items() if k not in FLIX_ONLY + ("match",)}
+    a["alpha"] = float(a["alpha"])
+    return a
 
 
 def plan(cfg, build_model: bool = True) -> Plan:
@@ -92,9 +108,14 @@ def resolve_match(cfg):
     if list(other.adapter.target_modules) != list(cfg.adapter.target_modules):
         raise PolyftError(f"adapter.match={ref}: adapter.target_modules differ from expert {ref}'s "
                           f"({list(other.adapter.target_modules)}); parameter counts would not match")
-    values = feature_values(load_mixture(other.data, is_offline(other.offline)), list(other.adapter.features))
+    fa = other.adapter
+    values = feature_values(load_mixture(other.data, is_offline(other.offline)), list(fa.features))
+    counts = {t: int(fa.ranks[t]) * len(values[t]) for t in fa.features}
+    alpha = {t: fa.alpha[t] if OmegaConf.is_config(fa.alpha) else fa.alpha for t in fa.features}
     out = copy.deepcopy(cfg)
-    out.adapter.r = sum(int(other.adapter.ranks[t]) * len(values[t]) for t in other.adapter.features)
+    out.adapter.r = sum(counts.values())
+    # the scale alpha / r of FLix's rank directions (their mean, weighted by rank, when it differs per type)
+    out.adapter.alpha = float(sum(counts[t] * alpha[t] / int(fa.ranks[t]) for t in fa.features))
     return out
 
 
