@@ -77,7 +77,6 @@ def adapter_key(adapter) -> dict:
 
 
 def plan(cfg, build_model: bool = True) -> Plan:
-    cfg = resolve_match(cfg)
     path = resolve_model_path(cfg.model, cfg.output_root, cfg.offline, build=build_model)
     kind = "model" if cfg.adapter.type == "full" else "adapter"
     target = Path(cfg.output_dir).resolve() if cfg.output_dir else None
@@ -87,10 +86,11 @@ def plan(cfg, build_model: bool = True) -> Plan:
     return Plan(path, kind, product_name(cfg), key, ArtifactStore(Path(cfg.output_root) / "artifacts"), target)
 
 
-def resolve_match(cfg):
-    """adapter.match=EXPERT (a LoRA beside a FLix expert): the config with adapter.r set to the
-    rank whose LoRA has the FLix expert's trainable parameter count. FLix has one LoRA of rank
-    r_t per value of each feature type on the same modules, so that rank is sum_t r_t * n_t."""
+def resolve_match(cfg, root):
+    """adapter.match=EXPERT (a LoRA expert beside a FLix expert of the experiment `root`): the
+    config with adapter.r set to the rank whose LoRA has the FLix expert's trainable parameter
+    count. FLix has one LoRA of rank r_t per value of each feature type on the same modules,
+    so that rank is sum_t r_t * n_t (n_t: the values the FLix expert's data carries)."""
     if cfg.adapter.type != "lora" or not cfg.adapter.match:
         return cfg
     import copy
@@ -100,9 +100,9 @@ def resolve_match(cfg):
     from polyft.experiment import expert_cfg
 
     ref = cfg.adapter.match
-    if ref not in cfg.experts:
+    if ref not in root.experts:
         raise PolyftError(f"adapter.match={ref}: not an expert of this experiment")
-    other = expert_cfg(cfg, ref)
+    other = expert_cfg(root, ref)
     if other.adapter.type != "flix":
         raise PolyftError(f"adapter.match={ref}: expert {ref} is adapter={other.adapter.type}, not flix")
     if list(other.adapter.target_modules) != list(cfg.adapter.target_modules):
@@ -179,7 +179,6 @@ def check(cfg) -> None:
 
 
 def check_one(cfg) -> None:
-    cfg = resolve_match(cfg)
     if cfg.adapter.type == "full" and cfg.quant.bits:
         raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
                           "quantised base is not possible (use adapter=lora)")
@@ -449,7 +448,6 @@ def command(cfg, record) -> None:
 def train_one(cfg, record) -> None:
     from polyft.models.gguf import source_of
 
-    cfg = resolve_match(cfg)
     p = plan(cfg)
     record.extra["product"] = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key)}
     if source_of(p.model_path):  # a base converted from a GGUF file: which file, which bytes
