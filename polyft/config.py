@@ -434,7 +434,7 @@ def _check_flix_data(cfg) -> None:
     if cfg.adapter.type == "flix" and cfg.merge_back:
         raise ConfigError("merge_back=true is not allowed with adapter=flix; merge one feature set with "
                           "polyft merge merge=flix_compose instead")
-    if cfg.adapter.match and (cfg.adapter.type != "lora" or cfg.adapter.match not in cfg.experts):
+    if cfg.adapter.match and cfg.adapter.type != "lora":
         raise ConfigError(f"adapter.match={cfg.adapter.match} is for adapter=lora in an experiment whose experts include {cfg.adapter.match} (adapter=flix)")
 
 

@@ -179,6 +179,9 @@ def check(cfg) -> None:
 
 
 def check_one(cfg) -> None:
+    if cfg.adapter.type == "lora" and cfg.adapter.match and cfg.adapter.match not in cfg.experts:
+        raise ConfigError(f"adapter.match={cfg.adapter.match}: not an expert of this experiment; match names "
+                          "an expert with adapter=flix")
     if cfg.adapter.type == "full" and cfg.quant.bits:
         raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
                           "quantised base is not possible (use adapter=lora)")
