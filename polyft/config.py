@@ -161,7 +161,7 @@ class MergeConfig:
     vocab: str = "strict"  # strict | first
     # flix_compose: a FLix adapter (directory or expert) and the feature set to compose, {task: T, lang: L}
     adapter: Optional[str] = None
-    features: Dict[str, str] = field(default_factory=dict)
+    features: Dict[str, Optional[str]] = field(default_factory=dict)
 
 
 @dataclass

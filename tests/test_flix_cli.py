@@ -90,11 +90,14 @@ def test_flix_compose_refuses_a_non_flix_directory(cli, tiny_llama_dir):
                    words=["merge.adapter=", "not a FLix adapter directory", "flix_config.json"])
 
 
+SP_LANGS = ["en", "de", "es", "fr", "fi", "hu", "hi", "ja", "pt_br", "ru", "th", "tr"]  # the exp's training languages
+
+
 def fake_release(root: Path) -> Path:
-    for task, split, lang, row in [("semantic_parsing", "train", "en", {"input": "a", "target": "b"}),
-                                   ("qa_in_lang", "train", "sw", {"question": "q", "title": "t",
-                                                                 "context": "c", "target": "c"}),
-                                   ("translation", "train", "sw", {"input": "hi", "target": "jambo"})]:
+    files = [("semantic_parsing", "train", lang, {"input": "a", "target": "b"}) for lang in SP_LANGS]
+    files += [("qa_in_lang", "train", "sw", {"question": "q", "title": "t", "context": "c", "target": "c"}),
+              ("translation", "train", "sw", {"input": "hi", "target": "jambo"})]
+    for task, split, lang, row in files:
         f = root / task / split / f"{lang}.jsonl"
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(row) + "\n")

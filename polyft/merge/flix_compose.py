@@ -40,6 +40,7 @@ def feature_set(cfg, directory: Path) -> tuple[dict, list[str]]:
 
     flix_cfg = FlixConfig.load(directory, KEY)
     wanted = OmegaConf.to_container(cfg.merge.features, resolve=True) if cfg.merge.features else {}
+    wanted = {k: v for k, v in wanted.items() if v not in (None, "")}
     if not wanted:
         raise PolyftError("merge.features is empty; name the feature set, e.g. merge.features.task=T "
                           "merge.features.lang=L")
