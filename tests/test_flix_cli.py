@@ -81,8 +81,10 @@ def test_flix_demo_end_to_end_compose_and_eval_equality(cli):
              "merge.features.lang=ja", f"output_dir={cli.cwd / 'ja'}")
     assert ja.returncode == 0 and "notice: lang=ja was not seen in training" in ja.stdout, ja.stderr[-2000:]
     assert json.loads((cli.cwd / "ja" / "adapter_config.json").read_text())["r"] == 16
-    assert_refused(cli, "merge", "merge=flix_compose", f"merge.adapter={flix_dir}", "merge.features.task=poetry",
-                   "merge.features.lang=en", words=["merge.features.task=poetry", "never trained", "instruct, math"])
+    bad = cli("merge", "merge=flix_compose", f"merge.adapter={flix_dir}", "merge.features.task=poetry",
+              "merge.features.lang=en", f"output_dir={cli.cwd / 'poetry'}")
+    assert_user_error(bad, "merge.features.task=poetry", "never trained", "instruct, math")
+    assert not (cli.cwd / "poetry").exists()
 
 
 def test_flix_compose_refuses_a_non_flix_directory(cli, tiny_llama_dir):
