@@ -346,6 +346,8 @@ def compose_factors(cfg: FlixConfig, tensors: dict, feature_set: dict) -> dict[s
     """module -> (A [R_F, in], B [out, R_F]) of one LoRA equal to the FLix sum over the feature
     set {type: value} (every value known): A's stacked, B's concatenated, alpha_t / r_t folded
     into B, so it is applied with scale 1."""
+    import torch
+
     out = {}
     for module in cfg.modules:
         a_parts, b_parts = [], []
@@ -355,8 +357,6 @@ def compose_factors(cfg: FlixConfig, tensors: dict, feature_set: dict) -> dict[s
             i = cfg.index(ftype, feature_set[ftype])
             a_parts.append(tensors[f"{module}.lora_A.{ftype}.{i}"])
             b_parts.append(tensors[f"{module}.lora_B.{ftype}.{i}"] * cfg.scale(ftype))
-        import torch
-
         out[module] = (torch.cat(a_parts), torch.cat(b_parts, dim=1))
     return out
 
