@@ -164,3 +164,22 @@ def test_unseen_language_composes_the_task_alone(model, tmp_path):
     assert torch.allclose(got, alone, atol=1e-5)
     with pytest.raises(PolyftError, match="task=poetry: this task was never trained"):
         flix.resolve_feature_set(cfg, {"task": "poetry", "lang": "en"})
+
+
+def test_report_groups_give_seen_and_held_out_rows():
+    from polyft.report import group_table, to_markdown
+
+    def row(variant, task, lang, value, metric):
+        return {"variant": variant, "model": variant, "task": task, "lang": lang, "metric": metric,
+                "filter": "none", "value": value}
+
+    rows = [row("flix", "demo_arith_en", "en", 0.5, "exact_match"), row("flix", "demo_arith_sw", "sw", 0.25, "exact_match"),
+            row("flix", "demo_words_en", "en", 1.0, "acc"), row("flix", "demo_words_en", "en", 0.1, "acc_norm"),
+            row("shared", "demo_arith_sw", "sw", 0.0, "exact_match")]
+    t = group_table(rows, {"seen": ["demo_arith_en", "demo_words_en"], "held_out_pair": ["demo_arith_sw"]})
+    assert t.columns() == ["demo_arith", "demo_words", "all"]
+    assert t.rows["flix / seen"] == {"demo_arith": 0.5, "demo_words": 1.0, "all": 0.75}  # acc, not acc_norm
+    assert t.rows["flix / held_out_pair"] == {"demo_arith": 0.25, "all": 0.25}
+    assert t.rows["shared / held_out_pair"]["all"] == 0.0 and "shared / seen" not in t.rows
+    assert "| flix / held_out_pair | 25.0 | — | 25.0 |" in to_markdown(t)
+    assert group_table(rows, {}) is None
