@@ -183,3 +183,20 @@ def test_report_groups_give_seen_and_held_out_rows():
     assert t.rows["shared / held_out_pair"]["all"] == 0.0 and "shared / seen" not in t.rows
     assert "| flix / held_out_pair | 25.0 | — | 25.0 |" in to_markdown(t)
     assert group_table(rows, {}) is None
+
+
+def test_init_from_copies_trained_values_and_leaves_new_ones_fresh(model, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    flix.save(model, tmp_path / "a")
+    more = {"task": ["instruct", "math", "qa"], "lang": ["en", "te"]}
+    cont = flix.inject(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                       flix_cfg(values=more))
+    copied = flix.load_weights(cont, *flix.read(tmp_path / "a"))
+    layers = len(model.flix_config.modules)
+    assert copied == layers * 3  # instruct, math, en
+    name = model.flix_config.modules[0]
+    old, new = flix.flix_layers(model)[name], flix.flix_layers(cont)[name]
+    assert torch.equal(new.lora_B["task_1"], old.lora_B["task_1"])  # math -> math
+    assert torch.equal(new.lora_B["lang_0"], old.lora_B["lang_1"])  # en: index 1 before, 0 now
+    assert new.lora_B["task_2"].abs().sum() == 0 and new.lora_B["lang_1"].abs().sum() == 0  # qa, te: fresh
