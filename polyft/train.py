@@ -119,6 +119,16 @@ def resolve_match(cfg, root):
     return out
 
 
+def flix_total_rank(cfg) -> int:
+    """sum over feature types of r_t x (values of t in the training data): FLix's rank directions."""
+    from polyft.adapters.flix import feature_values
+    from polyft.data.mixture import load_mixture
+
+    a = cfg.adapter
+    values = feature_values(load_mixture(cfg.data, is_offline(cfg.offline)), list(a.features))
+    return sum(int(a.ranks[t]) * len(values[t]) for t in a.features)
+
+
 def init_identity(cfg) -> dict:
     """What a continued LoRA starts from: an expert (by its product hash) or an adapter dir."""
     ref = cfg.adapter.init_from
