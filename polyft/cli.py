@@ -176,7 +176,8 @@ def preflight(command: str, args: list[str], files: bool = True) -> None:
         points = sweep_points(overrides, multirun)
     except (HydraException, OmegaConfBaseException) as exc:
         raise PolyftError(explain(exc)) from None
-    for full in points:
+    configs = []
+    for full in points:  # every point's config rules first: a bad sweep value is refused at once
         point = [o for o in full if not o.lstrip("+~").startswith("hydra")]
         try:
             cfg = compose(command, point)
@@ -184,6 +185,8 @@ def preflight(command: str, args: list[str], files: bool = True) -> None:
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
             raise PolyftError(explain(exc)) from None
         validate(cfg)
+        configs.append(cfg)
+    for cfg in configs:  # then what reads files (models, data) or the hub
         check = getattr(handler_for(cfg), "check", None)
         if check is not None and files:
             check(cfg)

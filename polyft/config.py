@@ -49,14 +49,20 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    type: str = "lora"  # full | lora
+    type: str = "lora"  # full | lora | flix
     r: int = 8
-    alpha: float = 16.0
+    alpha: Any = 16.0  # a number; flix: one per feature type, e.g. {task: 16, lang: 8}
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     rslora: bool = False
     dora: bool = False
     init_from: Optional[str] = None  # continue training an existing adapter
+    # flix (polyft/adapters/flix.py): one LoRA per value of each feature type
+    features: List[str] = field(default_factory=lambda: ["task", "lang"])
+    ranks: Dict[str, int] = field(default_factory=dict)  # feature type -> rank, e.g. {task: 16, lang: 8}
+    feature_dropout: float = 0.1  # each feature of an example dropped with this probability in training
+    # lora: an expert with adapter=flix; r becomes the rank with its parameter count, alpha / r its scale
+    match: Optional[str] = None
 
 
 @dataclass
@@ -167,6 +173,9 @@ class MergeConfig:
     config_source: Optional[str] = None
     tokenizer_source: Optional[str] = None
     vocab: str = "strict"  # strict | first
+    # flix_compose: a FLix adapter (directory or expert) and the feature set to compose, {task: T, lang: L}
+    adapter: Optional[str] = None
+    features: Dict[str, Optional[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,6 +186,7 @@ class EvalTaskConfig:
     limit: Optional[int] = None
     dataset: Optional[str] = None  # hub id the task reads, for local copies and messages
     apply_chat_template: Optional[bool] = None  # this task's prompts in the chat template
+    task: Optional[str] = None  # the task feature a FLix adapter is composed with for this task
 
 
 @dataclass
@@ -206,6 +216,7 @@ class ReportConfig:
     dir: Optional[str] = None  # a run or sweep directory to report on; default: the experiment's runs
     metric: Optional[str] = None  # default: each task's first metric
     out: Optional[str] = None  # default: <output_root>/reports/<exp_name>
+    groups: Dict[str, List[str]] = field(default_factory=dict)  # e.g. {seen: [tasks], held_out: [tasks]}: a table by group
 
 
 @dataclass
@@ -258,13 +269,37 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{key}={value} is not allowed; use one of: {', '.join(map(str, allowed))}")
 
 
+def _check_flix(a) -> None:
+    from polyft.adapters.flix import FEATURE_TYPES
+
+    if not a.features:
+        raise ConfigError(f"adapter.features is empty; name feature types: {', '.join(FEATURE_TYPES)}")
+    for ftype in [*a.features, *a.ranks, *(a.alpha if isinstance(a.alpha, (dict, DictConfig)) else {})]:
+        if ftype not in FEATURE_TYPES:
+            raise ConfigError(f"adapter: unknown feature type {ftype}; FLix features are row fields: "
+                              f"{', '.join(FEATURE_TYPES)}")
+    if len(set(a.features)) != len(a.features):
+        raise ConfigError(f"adapter.features={list(a.features)} names a feature type twice")
+    for ftype in a.features:
+        r = a.ranks.get(ftype)
+        if r is None or r <= 0:
+            raise ConfigError(f"adapter.ranks.{ftype}={r} is not allowed; each feature type needs a rank > 0")
+        alpha = a.alpha.get(ftype) if isinstance(a.alpha, (dict, DictConfig)) else a.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ConfigError(f"adapter.alpha.{ftype}={alpha} is not allowed; each feature type needs alpha > 0")
+    if not 0 <= a.feature_dropout < 1:
+        raise ConfigError(f"adapter.feature_dropout={a.feature_dropout} is not allowed; it must be in [0, 1)")
+
+
 def _check_adapter(a) -> None:
-    _choice("adapter.type", a.type, ("full", "lora"))
-    if a.type != "full":
+    _choice("adapter.type", a.type, ("full", "lora", "flix"))
+    if a.type == "flix":
+        _check_flix(a)
+    elif a.type != "full":
         if a.r <= 0:
             raise ConfigError(f"adapter.r={a.r} is not allowed; the LoRA rank must be a positive integer")
-        if a.alpha <= 0:
-            raise ConfigError(f"adapter.alpha={a.alpha} is not allowed; it must be > 0")
+        if not a.match and (isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or a.alpha <= 0):
+            raise ConfigError(f"adapter.alpha={a.alpha} is not allowed; it must be a number > 0")
         if not 0 <= a.dropout < 1:
             raise ConfigError(f"adapter.dropout={a.dropout} is not allowed; it must be in [0, 1)")
         if not a.target_modules:
@@ -403,10 +438,10 @@ def _check_eval(e) -> None:
         entry = {"name": t} if isinstance(t, str) else t
         if not isinstance(entry, (dict, DictConfig)) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise ConfigError(f"eval.tasks[{i}]={t} is not allowed; give a task name or {{name: ..., lang: ...}}")
-        unknown = set(entry) - {"name", "lang", "num_fewshot", "limit", "dataset", "apply_chat_template"}
+        unknown = set(entry) - {"name", "lang", "num_fewshot", "limit", "dataset", "apply_chat_template", "task"}
         if unknown:
             raise ConfigError(f"eval.tasks[{i}].{sorted(unknown)[0]}: unknown key; allowed keys: name, lang, "
-                              "num_fewshot, limit, dataset, apply_chat_template")
+                              "num_fewshot, limit, dataset, apply_chat_template, task")
         if entry.get("apply_chat_template") not in (None, True, False):
             raise ConfigError(f"eval.tasks[{i}].apply_chat_template={entry['apply_chat_template']} is not "
                               "allowed; use true or false")
@@ -435,6 +470,17 @@ def _check_plan(p) -> None:
             raise ConfigError(f"plan.gres.{size}: not one of plan.gpus ({', '.join(map(str, p.gpus))})")
 
 
+def _check_flix_data(cfg) -> None:
+    if cfg.adapter.type == "flix" and cfg.data.packing:
+        raise ConfigError("data.packing=true is not allowed with adapter=flix; packed sequences would mix "
+                          "the features of several examples")
+    if cfg.adapter.type == "flix" and cfg.merge_back:
+        raise ConfigError("merge_back=true is not allowed with adapter=flix; merge one feature set with "
+                          "polyft merge merge=flix_compose instead")
+    if cfg.adapter.match and cfg.adapter.type != "lora":
+        raise ConfigError(f"adapter.match={cfg.adapter.match} is for adapter=lora in an experiment whose experts include {cfg.adapter.match} (adapter=flix)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules for the groups the command uses. Raises ConfigError (one line)."""
     _choice("command", cfg.command, COMMANDS)
@@ -446,6 +492,7 @@ def validate(cfg: DictConfig) -> None:
         _check_adapter(cfg.adapter)
         _check_quant(cfg.quant)
         _check_data(cfg.data)
+        _check_flix_data(cfg)
         _check_train(cfg.train)
     if cfg.command in ("merge", "run"):
         _check_merge(cfg.merge)

@@ -53,6 +53,10 @@ def expert_cfg(cfg: DictConfig, name: str) -> DictConfig:
             out[key] = OmegaConf.merge(OmegaConf.structured(type(OmegaConf.to_object(cfg[key]))), node)
         else:
             out[key] = OmegaConf.merge(out[key], node)
+    if out.adapter.get("match") and not cfg.get("expert"):  # a LoRA sized to a FLix expert
+        from polyft.train import resolve_match
+
+        out = resolve_match(out, cfg)
     return out
 
 

@@ -165,7 +165,12 @@ def estimate(cfg, name: str = "") -> Estimate:
         targets = set(LINEARS) if "all-linear" in cfg.adapter.target_modules else \
             {m for m in cfg.adapter.target_modules if m in LINEARS}
         shapes = arch.shapes()
-        trainable = arch.layers * sum(cfg.adapter.r * (shapes[m][0] + shapes[m][1])
+        r = cfg.adapter.r
+        if cfg.adapter.type == "flix":  # a LoRA per value: the summed rank (the values come from the data)
+            from polyft.train import flix_total_rank
+
+            r = flix_total_rank(cfg)
+        trainable = arch.layers * sum(r * (shapes[m][0] + shapes[m][1])
                                       + (shapes[m][1] if cfg.adapter.dora else 0) for m in targets)
         p_bytes = 4  # peft keeps adapter weights in fp32 under a 16-bit base
         adapter = trainable * p_bytes

@@ -113,6 +113,41 @@ def build_tables(rows: list[dict], metric: str | None = None) -> list[Table]:
     return list(tables.values())
 
 
+class GroupTable(Table):
+    """Columns are exactly `langs` (task families, then `all`): no language averages."""
+
+    def columns(self) -> list[str]:
+        return list(self.langs)
+
+    def cell(self, variant: str, col: str) -> float | None:
+        return self.rows[variant].get(col)
+
+
+def group_table(rows: list[dict], groups: dict, metric: str | None = None) -> GroupTable | None:
+    """report.groups {name: [task, ...]} (e.g. seen / held-out pairs): one row per variant and
+    group, one column per task family (its first metric, as in the per-family tables) with the
+    mean over the group's tasks, and `all`, the mean over all of them."""
+    if not groups:
+        return None
+    first: dict[str, tuple] = {}
+    kept = []
+    for r in rows:
+        fam = task_family(r["task"], r.get("lang"))
+        key = (r["metric"], r.get("filter") or "none")
+        if (first.setdefault(fam, key) == key) if metric is None else r["metric"] == metric:
+            kept.append((fam, r))
+    fams = list(dict.fromkeys(fam for fam, _ in kept))
+    t = GroupTable("by group: " + ", ".join(f"{f} {first.get(f, (metric,))[0]}" for f in fams), fams + ["all"])
+    for variant in dict.fromkeys(r["variant"] for _, r in kept):
+        for group, tasks in groups.items():
+            got = [(fam, float(r["value"])) for fam, r in kept if r["variant"] == variant and r["task"] in tasks]
+            if got:
+                cells = {f: sum(v for g, v in got if g == f) / n for f in fams
+                         if (n := sum(1 for g, _ in got if g == f))}
+                t.rows[f"{variant} / {group}"] = {**cells, "all": sum(v for _, v in got) / len(got)}
+    return t
+
+
 # ------------------------------------------------------------------ plots
 
 def _plt():
@@ -240,9 +275,12 @@ def records_for(cfg) -> list[dict]:
 
 
 def write_report(rows: list[dict], out_dir: Path, metric: str | None = None,
-                 merged_name: str = "swap") -> dict:
+                 merged_name: str = "swap", groups: dict | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(rows, metric)
+    grouped = group_table(rows, groups or {}, metric)
+    if grouped is not None and grouped.rows:
+        tables.append(grouped)
     md = "\n\n".join(to_markdown(t) for t in tables)
     (out_dir / "table.md").write_text(md + "\n")
     (out_dir / "table.csv").write_text("".join(to_csv(t) for t in tables))
@@ -271,6 +309,12 @@ def write_report(rows: list[dict], out_dir: Path, metric: str | None = None,
     return {"markdown": md, "tables": len(tables), "plots": [str(p) for p in plots], "dir": str(out_dir)}
 
 
+def _groups(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.report.groups, resolve=True) if cfg.report.get("groups") else {}
+
+
 def command(cfg, record) -> None:
     records = records_for(cfg)
     rows = collect(records)
@@ -279,7 +323,7 @@ def command(cfg, record) -> None:
         raise PolyftError(f"no evaluation results found under {where}; run `polyft eval` or `polyft run` first")
     out = Path(cfg.report.out or Path(cfg.output_root) / "reports" / (cfg.exp_name or "latest"))
     merged = cfg.merge.name or "swap"
-    summary = write_report(rows, out, cfg.report.metric, merged)
+    summary = write_report(rows, out, cfg.report.metric, merged, _groups(cfg))
     print(summary["markdown"])
     record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}
     record.add_artifact("report", out, reused=False)
@@ -303,6 +347,6 @@ class SweepReport(Callback):
         rows = collect([r for r in load_runs(sweep_dir) if r.get("status") == "ok"])
         if rows:
             summary = write_report(rows, sweep_dir / "report", config.report.metric,
-                                   config.merge.name or config.merge.method)
+                                   config.merge.name or config.merge.method, _groups(config))
             print(summary["markdown"])
             print(f"polyft: sweep report in {summary['dir']}")

@@ -87,6 +87,7 @@ def command(cfg, record) -> None:
     record.save()
     rows = report.collect([{**record.as_dict(), "run_dir": str(record.run_dir)}])
     out = Path(record.run_dir) / "report"
-    summary = report.write_report(rows, out, cfg.report.metric, cfg.merge.name or cfg.merge.method)
+    summary = report.write_report(rows, out, cfg.report.metric, cfg.merge.name or cfg.merge.method,
+                                  report._groups(cfg))
     print(summary["markdown"])
     record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}

@@ -57,9 +57,25 @@ def product_key(cfg, model_path: str) -> dict:
            "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                      if k not in _LOG_ONLY},
            "seed": cfg.seed, "merge_back": cfg.merge_back}
-    key["adapter"] = OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.adapter.type != "full" \
-        else {"type": "full"}
+    key["adapter"] = adapter_key(cfg.adapter)
     return key
+
+
+FLIX_ONLY = ("features", "ranks", "feature_dropout")
+LORA_ONLY = ("r", "rslora", "dora", "match")
+
+
+def adapter_key(adapter) -> dict:
+    """The adapter settings that shape the weights: only those of its type (a LoRA's key is
+    what it was before FLix existed; match is already folded into r and alpha)."""
+    if adapter.type == "full":
+        return {"type": "full"}
+    a = OmegaConf.to_container(adapter, resolve=True)
+    if a["type"] == "flix":
+        return {k: v for k, v in a.items() if k not in LORA_ONLY}
+    a = {k: v for k, v in a.items() if k not in FLIX_ONLY + ("match",)}
+    a["alpha"] = float(a["alpha"])
+    return a
 
 
 def plan(cfg, build_model: bool = True) -> Plan:
@@ -70,6 +86,49 @@ def plan(cfg, build_model: bool = True) -> Plan:
     if cfg.adapter.init_from and kind == "adapter":
         key["adapter"]["init_from"] = init_identity(cfg)
     return Plan(path, kind, product_name(cfg), key, ArtifactStore(Path(cfg.output_root) / "artifacts"), target)
+
+
+def resolve_match(cfg, root):
+    """adapter.match=EXPERT (a LoRA expert beside a FLix expert of the experiment `root`): the
+    config with adapter.r set to the rank whose LoRA has the FLix expert's trainable parameter
+    count. FLix has one LoRA of rank r_t per value of each feature type on the same modules,
+    so that rank is sum_t r_t * n_t (n_t: the values the FLix expert's data carries)."""
+    if cfg.adapter.type != "lora" or not cfg.adapter.match:
+        return cfg
+    import copy
+
+    from polyft.adapters.flix import feature_values
+    from polyft.data.mixture import load_mixture
+    from polyft.experiment import expert_cfg
+
+    ref = cfg.adapter.match
+    if ref not in root.experts:
+        raise PolyftError(f"adapter.match={ref}: not an expert of this experiment")
+    other = expert_cfg(root, ref)
+    if other.adapter.type != "flix":
+        raise PolyftError(f"adapter.match={ref}: expert {ref} is adapter={other.adapter.type}, not flix")
+    if list(other.adapter.target_modules) != list(cfg.adapter.target_modules):
+        raise PolyftError(f"adapter.match={ref}: adapter.target_modules differ from expert {ref}'s "
+                          f"({list(other.adapter.target_modules)}); parameter counts would not match")
+    fa = other.adapter
+    values = feature_values(load_mixture(other.data, is_offline(other.offline)), list(fa.features))
+    counts = {t: int(fa.ranks[t]) * len(values[t]) for t in fa.features}
+    alpha = {t: fa.alpha[t] if OmegaConf.is_config(fa.alpha) else fa.alpha for t in fa.features}
+    out = copy.deepcopy(cfg)
+    out.adapter.r = sum(counts.values())
+    # the scale alpha / r of FLix's rank directions (their mean, weighted by rank, when it differs per type)
+    out.adapter.alpha = float(sum(counts[t] * alpha[t] / int(fa.ranks[t]) for t in fa.features))
+    return out
+
+
+def flix_total_rank(cfg) -> int:
+    """sum over feature types of r_t x (values of t in the training data): FLix's rank directions."""
+    from polyft.adapters.flix import feature_values
+    from polyft.data.mixture import load_mixture
+
+    a = cfg.adapter
+    values = feature_values(load_mixture(cfg.data, is_offline(cfg.offline)), list(a.features))
+    return sum(int(a.ranks[t]) * len(values[t]) for t in a.features)
 
 
 def init_identity(cfg) -> dict:
@@ -132,6 +191,9 @@ def check(cfg) -> None:
 
 
 def check_one(cfg) -> None:
+    if cfg.adapter.type == "lora" and cfg.adapter.match and cfg.adapter.match not in cfg.experts:
+        raise ConfigError(f"adapter.match={cfg.adapter.match}: not an expert of this experiment; match names "
+                          "an expert with adapter=flix")
     if cfg.adapter.type == "full" and cfg.quant.bits:
         raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
                           "quantised base is not possible (use adapter=lora)")
@@ -140,8 +202,9 @@ def check_one(cfg) -> None:
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
     _check_targets(cfg, p.model_path)
     init = cfg.adapter.init_from
-    if init and init not in cfg.experts and not (Path(init) / "adapter_config.json").is_file():
-        raise PolyftError(f"adapter.init_from={init}: not an adapter directory (no adapter_config.json) "
+    init_file = "flix_config.json" if cfg.adapter.type == "flix" else "adapter_config.json"
+    if init and init not in cfg.experts and not (Path(init) / init_file).is_file():
+        raise PolyftError(f"adapter.init_from={init}: not an adapter directory (no {init_file}) "
                           f"nor an expert of this experiment")
     if p.target is not None and p.target.exists() and any(p.target.iterdir()) and existing_product(p) is None:
         raise PolyftError(f"output_dir={p.target} exists and holds something else; remove it or "
@@ -152,6 +215,20 @@ def check_one(cfg) -> None:
     rows = load_mixture(cfg.data, is_offline(cfg.offline))
     if any(r["prompt"] for r in rows):  # prompt/response rows are rendered as chat turns
         check_chat_template(p.model_path, cfg.model.chat_template)
+    if cfg.adapter.type == "flix":
+        check_flix_sources(cfg)
+
+
+def check_flix_sources(cfg) -> None:
+    """Every source gives each of its rows a value for every FLix feature."""
+    from polyft.data.sources import load_source
+
+    for name, src in cfg.data.sources.items():
+        rows = load_source(f"data.sources.{name}", src, cfg.data.seed, is_offline(cfg.offline))
+        for ftype in cfg.adapter.features:
+            if any(not r.get(ftype) for r in rows):
+                raise PolyftError(f"data.sources.{name}: rows without a {ftype} value, which adapter=flix "
+                                  f"needs; set data.sources.{name}.features.{ftype}=VALUE")
 
 
 # ---------------------------------------------------------------- training
@@ -215,7 +292,19 @@ def lora_config(adapter_cfg):
         use_rslora=adapter_cfg.rslora, use_dora=adapter_cfg.dora, task_type="CAUSAL_LM")
 
 
-def build_model(cfg, model_path: str):
+def flix_config(cfg, rows: list[dict], model_path: str):
+    from polyft.adapters.flix import FlixConfig, feature_values
+
+    a = cfg.adapter
+    features = list(a.features)
+    alpha = OmegaConf.to_container(a.alpha) if OmegaConf.is_config(a.alpha) else dict.fromkeys(features, a.alpha)
+    return FlixConfig(values=feature_values(rows, features), ranks={t: int(a.ranks[t]) for t in features},
+                      alpha={t: float(alpha[t]) for t in features}, features=features,
+                      feature_dropout=float(a.feature_dropout), target_modules=list(a.target_modules),
+                      dropout=float(a.dropout), base_model_name_or_path=model_path)
+
+
+def build_model(cfg, model_path: str, rows: list[dict] | None = None):
     from polyft.models.load import load_base
 
     model = load_base(model_path, cfg.model, cfg.quant, allow_pickle=cfg.allow_pickle)
@@ -226,11 +315,42 @@ def build_model(cfg, model_path: str):
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    if cfg.adapter.type == "flix":
+        from polyft.adapters import flix
+
+        flix.inject(model, flix_config(cfg, rows, model_path))
+        if cfg.adapter.init_from:
+            flix.load_weights(model, *flix.read(init_dir(cfg), "adapter.init_from"))
+        return model, None
     if cfg.adapter.init_from:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, init_dir(cfg), is_trainable=True), None
     return model, lora_config(cfg.adapter)
+
+
+def flix_trainer(model, args, dataset, tokenizer):
+    """SFTTrainer for a FLix model: the feature columns travel with each batch (the collator
+    turns them into `flix_features`, which the model's pre-hook routes on)."""
+    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from polyft.adapters.flix import FeatureCollator
+
+    args.remove_unused_columns = False  # keep lang/task for the collator
+    collator = FeatureCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+                               model.flix_config)
+    # transformers refuses to train a quantised model it sees no adapter on; FLix layers are
+    # one, so say so during construction only (the flag also switches its own adapter code paths)
+    quantised = getattr(model, "is_quantized", False)
+    if quantised:
+        model._hf_peft_config_loaded = True
+    try:
+        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          data_collator=collator)
+    finally:
+        if quantised:
+            model._hf_peft_config_loaded = False
 
 
 def last_checkpoint(work_dir: Path) -> str | None:
@@ -279,23 +399,36 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
     rows = load_mixture(cfg.data, is_offline(cfg.offline))
     dataset, data_key = tokenized_dataset(rows, tokenizer, cfg.output_root, cfg.model.chat_template,
                                           p.model_path)
-    model, peft_config = build_model(cfg, p.model_path)
+    model, peft_config = build_model(cfg, p.model_path, rows)
     work_dir = p.store.work_dir(p.kind, p.name, p.key)
     args = sft_config(cfg, work_dir, run_dir, distributed)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
-                         processing_class=tokenizer, peft_config=peft_config)
+    if cfg.adapter.type == "flix":
+        trainer = flix_trainer(model, args, dataset, tokenizer)
+    else:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
+                             processing_class=tokenizer, peft_config=peft_config)
     resume = last_checkpoint(work_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-    summary = {"resumed_from": resume, "history": losses, "data_key": data_key,
+    trainable = sum(prm.numel() for prm in trainer.model.parameters() if prm.requires_grad)
+    summary = {"resumed_from": resume, "history": losses, "data_key": data_key, "trainable_params": trainable,
                "examples": len(dataset), "world_size": trainer.args.world_size,
                "train_runtime_s": result.metrics.get("train_runtime"),
                "steps_per_second": result.metrics.get("train_steps_per_second"),
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if not trainer.is_world_process_zero():
         return summary
+    if cfg.adapter.type == "flix":
+        summary["flix_values"] = model.flix_config.values
+    elif cfg.adapter.match:
+        summary["matched_rank"] = {"r": cfg.adapter.r, "expert": cfg.adapter.match}
     with p.store.build(p.kind, p.name, p.key, target=p.target) as b:
-        trainer.model.save_pretrained(b.dir, safe_serialization=True)
+        if cfg.adapter.type == "flix":
+            from polyft.adapters import flix
+
+            flix.save(trainer.model, b.dir)
+        else:
+            trainer.model.save_pretrained(b.dir, safe_serialization=True)
         tokenizer.save_pretrained(b.dir)
         _fix_adapter_base(b.dir, p.model_path)
         if cfg.merge_back and p.kind == "adapter":

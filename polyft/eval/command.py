@@ -97,6 +97,13 @@ def plan(cfg, build: bool = True) -> Plan:
             check_chat_template(tokenizer_source(m), cfg.model.chat_template)
     plan_data(specs, data_dir=e.data_dir, demo_root=Path(cfg.output_root) / "eval-data" / "demo",
               offline=offline, xtremeup_root=e.xtremeup_root)
+    if any(m.kind == "flix" for m in models):
+        from polyft.eval import flix
+
+        if e.backend != "hf":
+            raise PolyftError("eval.backend=vllm cannot score a FLix adapter directly; compose it with "
+                              "polyft merge merge=flix_compose and evaluate that LoRA")
+        flix.check(models, specs)
     targets: dict = dict.fromkeys(model_refs(cfg))
     if cfg.output_dir:
         out = Path(cfg.output_dir).expanduser().resolve()
@@ -138,6 +145,7 @@ def eval_key(cfg, m: ModelRef, specs: list[TaskSpec]) -> dict:
             "data": sorted(s.data_files.values()) if generated else
             [file_identity(f) for f in sorted(s.data_files.values())],
             "hub": [s.get("dataset_path"), s.get("dataset_name")] if is_hub_dataset(s) else None,
+            **({"feature": s.task} if s.task else {}),
         })
     quant = OmegaConf.to_container(cfg.quant, resolve=True) if cfg.quant.bits else None
     return {"suite": e.suite, "tasks": tasks, "model": identity(m),
@@ -184,10 +192,19 @@ def evaluate_model(cfg, p: Plan, m: ModelRef, backend) -> tuple[Path, list[dict]
     name = artifact_name(cfg, m)
     with p.store.build(KIND, name, key, target=p.targets[m.ref]) as b:
         task_dir = write_task_dir(p.specs, b.dir / "tasks")
-        results = evaluate(backend.lm(m), p.specs, task_dir,
-                           gen_kwargs=OmegaConf.to_container(e.gen_kwargs, resolve=True),
-                           log_samples=e.log_samples)
-        rows = result_rows(results, m.ref, {s.name: s.lang for s in p.specs})
+
+        def score(model_ref, specs):
+            results = evaluate(backend.lm(model_ref), specs, task_dir,
+                               gen_kwargs=OmegaConf.to_container(e.gen_kwargs, resolve=True),
+                               log_samples=e.log_samples)
+            return results, result_rows(results, m.ref, {s.name: s.lang for s in specs})
+
+        if m.kind == "flix":  # one composed LoRA per feature set (polyft/eval/flix.py)
+            from polyft.eval import flix
+
+            results, rows = flix.evaluate(m, p.specs, b.dir, score)
+        else:
+            results, rows = score(m, p.specs)
         write_results(b.dir, results, rows)
         b.manifest.update(model=asdict(m), suite=e.suite, tasks=[s.name for s in p.specs],
                           chat_template=chat_template(cfg, p.specs))

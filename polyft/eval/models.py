@@ -25,12 +25,12 @@ _WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".jinja", 
 class ModelRef:
     ref: str  # as the user wrote it ("base", a path); the label in every result row
     path: str  # the model or adapter directory (or a hub id for base)
-    kind: str  # model | adapter
+    kind: str  # model | adapter | flix (a FLix adapter: composed per task, polyft/eval/flix.py)
     base: str | None = None  # an adapter's base model (directory or hub id)
 
     @property
     def base_path(self) -> str:
-        return self.base if self.kind == "adapter" else self.path
+        return self.base if self.kind in ("adapter", "flix") else self.path
 
 
 def describe(ref: str, path: str, *, allow_pickle: bool = False, offline: bool = False) -> ModelRef:
@@ -61,6 +61,14 @@ def describe(ref: str, path: str, *, allow_pickle: bool = False, offline: bool =
             raise PolyftError(f"{key}: its base model {base} is a hub id but polyft is offline; set "
                               "base_model_name_or_path in adapter_config.json to a local directory")
         return ModelRef(ref, str(p.resolve()), "adapter", base)
+    if (p / "flix_config.json").is_file():
+        from polyft.adapters.flix import FlixConfig
+
+        base = FlixConfig.load(p, key).base_model_name_or_path
+        if not base or not Path(base).exists():
+            raise PolyftError(f"{key}: its base model {base} does not exist; fix base_model_name_or_path "
+                              "in flix_config.json")
+        return ModelRef(ref, str(p.resolve()), "flix", str(Path(base).resolve()))
     if not (p / "config.json").is_file():
         raise PolyftError(f"{key} is not a model or adapter directory (no config.json or adapter_config.json)")
     check_model_dir(str(p), key, allow_pickle)
@@ -81,7 +89,7 @@ def _dir_identity(path: str) -> dict:
 def identity(m: ModelRef) -> dict:
     """What a cached result depends on for this model (paths plus content markers)."""
     ident = {"kind": m.kind, "model": _dir_identity(m.path)}
-    if m.kind == "adapter":
+    if m.kind in ("adapter", "flix"):
         ident["base"] = _dir_identity(m.base)
     return ident
 

@@ -26,7 +26,7 @@ from polyft.data.synthetic import LANGS as SYNTHETIC_LANGS
 from polyft.errors import PolyftError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-ENTRY_KEYS = ("name", "lang", "num_fewshot", "limit", "dataset", "apply_chat_template")
+ENTRY_KEYS = ("name", "lang", "num_fewshot", "limit", "dataset", "apply_chat_template", "task")
 
 # XL-Sum's dataset configs are English language names; polyft tasks use ISO 639-1 codes.
 XLSUM_CONFIGS = {
@@ -82,6 +82,7 @@ class TaskSpec:
     overrides: dict = field(default_factory=dict)  # keys the generated task YAML sets
     data_files: dict = field(default_factory=dict)  # split -> local file it reads
     chat: bool = False  # prompts rendered with the chat template (lm_eval's default: no)
+    task: str | None = None  # the entry's `task` feature (FLix adapters route on it)
 
     @property
     def fewshot(self) -> int:
@@ -99,6 +100,8 @@ class TaskSpec:
     def task_feature(self) -> str | None:
         """The `task` value training rows of this task carry (XTREME-UP: the task name), for
         adapters that route on features."""
+        if self.task:
+            return self.task
         return self.family.xtremeup_task if self.family is not None else None
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -290,7 +293,8 @@ def resolve_tasks(entries: list, *, langs: list[str] | None = None, include_path
             name=name, lang=e["lang"] or task_language(name, config), source=source, config=config,
             num_fewshot=num_fewshot if num_fewshot is not None else e["num_fewshot"],
             limit=limit if limit is not None else e["limit"], dataset=e["dataset"], family=family,
-            chat=bool(apply_chat_template if apply_chat_template is not None else e["apply_chat_template"])))
+            chat=bool(apply_chat_template if apply_chat_template is not None else e["apply_chat_template"]),
+            task=e["task"]))
     return select_languages(specs, langs)
 
 

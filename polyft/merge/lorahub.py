@@ -175,13 +175,22 @@ def few_shot_rows(cfg) -> tuple[list[dict], int]:
     return rows, m.max_length or _JSONL_MAX_LENGTH
 
 
+def tokenizer_dir(inputs) -> Path:
+    """The first adapter that ships a tokenizer, else the base model."""
+    from polyft.merge.io import has_tokenizer
+
+    return Path(next((p for p in inputs.adapters if has_tokenizer(p)), inputs.base))
+
+
 def check(cfg) -> None:
     from polyft.config import _check_lorahub
+    from polyft.data.formatting import check_chat_template
     from polyft.runs import config_hash, read_manifest
 
     _check_lorahub(cfg.merge)
-    resolve_inputs(cfg)
+    inputs = resolve_inputs(cfg)
     few_shot_rows(cfg)
+    check_chat_template(tokenizer_dir(inputs), cfg.model.chat_template)
     from nevergrad.optimization import registry
 
     if cfg.merge.optimizer not in registry:
@@ -235,15 +244,17 @@ def composed_tensors(adapters: list, names: list[str], weights: list[float]) -> 
 
 # ---------------------------------------------------------------- the objective
 
-def few_shot_batches(rows: list[dict], tokenizer, max_length: int, batch_size: int) -> list[tuple]:
+def few_shot_batches(rows: list[dict], tokenizer, max_length: int, batch_size: int,
+                     chat_template: str = "model") -> list[tuple]:
     """(input_ids, attention_mask, labels) batches; labels are -100 outside the response.
-    Rows are encoded by polyft.data.formatting.encode, as training encodes them, and sorted
-    by length so that batches carry little padding."""
+    Rows are encoded by polyft.data.formatting.encode, as training encodes them (with the
+    chat template model.chat_template names), and sorted by length so that batches carry
+    little padding."""
     import torch
 
-    from polyft.data.formatting import encode, ensure_chat_template
+    from polyft.data.formatting import encode, use_chat_template
 
-    ensure_chat_template(tokenizer)
+    use_chat_template(tokenizer, chat_template, "the adapters' tokenizer")
     encoded = []
     for r in rows:
         e = encode({"lang": "", **r}, tokenizer)
@@ -350,7 +361,6 @@ def build(cfg, out_dir: Path) -> dict:
     import torch
 
     from polyft.merge.adapter_space import copy_tokenizer, read_lora, write_lora
-    from polyft.merge.io import has_tokenizer
     from polyft.models.load import load_tokenizer
 
     m = cfg.merge
@@ -358,8 +368,8 @@ def build(cfg, out_dir: Path) -> dict:
     rows, max_length = few_shot_rows(cfg)
     adapters = [read_lora(p, k) for p, k in zip(inputs.adapters, inputs.keys)]
     torch.manual_seed(m.seed)
-    tok_dir = next((p for p in inputs.adapters if has_tokenizer(p)), inputs.base)
-    batches = few_shot_batches(rows, load_tokenizer(str(tok_dir)), max_length, m.batch_size)
+    batches = few_shot_batches(rows, load_tokenizer(str(tokenizer_dir(inputs))), max_length, m.batch_size,
+                               cfg.model.chat_template)
     composer = Composer(inputs.base, adapters, inputs.names)
 
     def loss_fn(w):
