@@ -41,7 +41,7 @@ demo-real: install fetch-model
 # The README's three real-model tables ("Results on a real model"), in the order the README
 # shows them; every stage is cached, so a rerun only prints the tables again.
 tables-real: install fetch-model
-	$(REAL_ENV) $(VENV)/bin/polyft run +exp=swap_real -m merge.bottom=3,6,9 merge.top=0,3
+	$(REAL_ENV) $(VENV)/bin/polyft run +exp=swap_real -m merge.bottom=3,6,9 merge.top=3
 	$(REAL_ENV) $(VENV)/bin/polyft run +exp=maple_real -m adapter.r=4,64 quant=none,4bit
 	$(REAL_ENV) $(VENV)/bin/polyft run +exp=merge_lowres_real -m merge.slack=0.0,0.1,0.3
 

@@ -14,9 +14,9 @@ from conftest import assert_user_error, polyft
 REAL = ("swap_real", "maple_real", "merge_lowres_real")
 # The sweeps of `make tables-real`, as the README runs them.
 SWEEPS = {
-    "swap_real": ["merge.bottom=3,9", "merge.top=0,3"],
+    "swap_real": ["merge.bottom=3,6,9", "merge.top=3"],
     "maple_real": ["adapter.r=4,64", "quant=none,4bit"],
-    "merge_lowres_real": ["merge.slack=0.0,0.3"],
+    "merge_lowres_real": ["merge.slack=0.0,0.1,0.3"],
 }
 
 
