@@ -130,6 +130,21 @@ def eval_models(cfg: DictConfig) -> list[str]:
     return ["base", *cfg.experts, *merge_names(cfg)]
 
 
+def _check_swap_depth(cfg: DictConfig, m, where: str) -> None:
+    """A layer swap of two experts fits their depth, known before they are trained (from the
+    tiny spec, the preset's num_layers or a local config.json): a sweep point that cannot be
+    merged is refused before the experts train, not after."""
+    from polyft.config import model_layer_count
+
+    if m.method != "layer_swap" or m.middle not in cfg.experts:
+        return
+    n = model_layer_count(expert_cfg(cfg, m.middle).model)
+    used = m.bottom + m.top + m.transition_bottom + m.transition_top
+    if n is not None and used > n:
+        raise PolyftError(f"{where}.bottom + top + transition_bottom + transition_top = {used} layers, "
+                          f"but {cfg.model.name} has {n}; the four zones must fit in {n} layers")
+
+
 def validate_experiment(cfg: DictConfig) -> None:
     """Structure only (no files): experts compose and validate, refs name something produced."""
     from polyft.config import validate
@@ -157,6 +172,7 @@ def validate_experiment(cfg: DictConfig) -> None:
             if ref is not None and str(ref) not in produced and not Path(str(ref)).exists():
                 raise PolyftError(f"{where} names model '{ref}', which no stage of exp={cfg.exp_name} "
                                   f"produces; known: {', '.join(sorted(produced))}")
+        _check_swap_depth(cfg, m, where)
         produced.add(name)
     if cfg.command in ("eval", "run") and cfg.experts:
         for ref in eval_models(cfg):

@@ -1,0 +1,90 @@
+"""The real-model experiments (swap_real, maple_real, merge_lowres_real) compose, and every
+point of the sweeps the README runs validates, without training anything: `polyft plan`
+composes and validates each point, and `polyft run` refuses a bad point before any stage.
+The runs themselves take minutes each on 2 cores: `make tables-real`, not the test suite."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import assert_user_error, polyft
+
+REAL = ("swap_real", "maple_real", "merge_lowres_real")
+# The sweeps of `make tables-real`, as the README runs them.
+SWEEPS = {
+    "swap_real": ["merge.bottom=3,6,9", "merge.top=3"],
+    "maple_real": ["adapter.r=4,64", "quant=none,4bit"],
+    "merge_lowres_real": ["merge.slack=0.0,0.1,0.3"],
+}
+
+
+@pytest.fixture
+def smol_cli(cli, smollm2_dir):
+    """The cli fixture, with the converted SmolLM2 in its outputs/models (skips without it)."""
+    return cli
+
+
+def plan_rows(stdout: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")]
+            for line in stdout.splitlines() if line.startswith("| #")]
+
+
+@pytest.mark.parametrize("exp", REAL)
+def test_real_experiment_composes_on_smollm2(cli, exp):
+    proc = cli("run", f"+exp={exp}", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"^model:\n  name: smollm2-135m$", proc.stdout, re.M), proc.stdout[:400]
+    assert "seed: 0" in proc.stdout
+    assert not (cli.cwd / "outputs" / "runs").exists()
+
+
+@pytest.mark.parametrize("exp", REAL)
+def test_every_point_of_the_readme_sweep_validates(cli, exp):
+    proc = cli("plan", f"+exp={exp}", "-m", *SWEEPS[exp], "plan.device=cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = plan_rows(proc.stdout)
+    points = {r[0] for r in rows}
+    n_points = 1
+    for axis in SWEEPS[exp]:
+        n_points *= len(axis.split("=", 1)[1].split(","))
+    assert len(points) == n_points, proc.stdout
+    experts = {"swap_real": {"math", "lang"}, "maple_real": {"tuned"},
+               "merge_lowres_real": {"math", "ct"}}[exp]
+    assert {r[1] for r in rows} == experts
+    assert not (cli.cwd / "outputs" / "runs").exists() and not (cli.cwd / "multirun").exists()
+
+
+def test_maple_grid_trains_what_it_says(cli):
+    """The rank axis changes the LoRA's size (30 layers x r x (2*576 + 2*(576+192)) for
+    q/k/v/o) and the quant axis the base's bits, at every point."""
+    proc = cli("plan", "+exp=maple_real", "-m", "adapter.r=4,64", "quant=none,8bit,4bit", "plan.device=cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = {(r[0].split(" ", 1)[1]): (r[3], r[5]) for r in plan_rows(proc.stdout)}
+    assert got["adapter.r=4 quant=none"] == ("460.8K", "32")
+    assert got["adapter.r=64 quant=none"] == ("7.37M", "32")
+    assert got["adapter.r=64 quant=8bit"] == ("7.37M", "8")
+    assert got["adapter.r=4 quant=4bit"] == ("460.8K", "4")
+
+
+def test_a_swap_deeper_than_the_model_is_refused_before_training(smol_cli):
+    """One point of the sweep needs 9 + 20 + 1 + 1 = 31 of SmolLM2's 30 layers: the whole
+    sweep is refused up front, nothing trained or written."""
+    proc = smol_cli("run", "+exp=swap_real", "-m", "merge.bottom=3,9", "merge.top=0,20")
+    assert_user_error(proc, "31 layers", "30")
+    assert not (smol_cli.cwd / "outputs" / "runs").exists()
+    assert not (smol_cli.cwd / "outputs" / "artifacts").exists()
+    assert not (smol_cli.cwd / "multirun").exists()
+
+
+def test_a_swap_deeper_than_the_tiny_model_is_refused_before_training(cli):
+    proc = cli("run", "+exp=demo", "merge.bottom=4", "merge.top=3")
+    assert_user_error(proc, "7 layers", "6")
+    assert not (cli.cwd / "outputs" / "artifacts").exists()
+
+
+def test_a_bad_slack_point_is_refused(smol_cli):
+    proc = smol_cli("run", "+exp=merge_lowres_real", "-m", "merge.slack=0.1,1.5")
+    assert_user_error(proc, "merge.slack=1.5")
+    assert not (smol_cli.cwd / "outputs" / "artifacts").exists()
