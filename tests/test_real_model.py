@@ -186,7 +186,7 @@ def test_layer_swap_over_the_30_layers(real, lora_math, full_lang, smollm2_dir):
 
 def test_eval_on_the_demo_suite(real, lora_math, smollm2_dir):
     record = real("eval", "model=smollm2-135m", f"eval.models=[base,{lora_math[0]}]", "eval.langs=[en]",
-                  "eval.limit=3", "eval.gen_kwargs.max_gen_toks=6", "output_dir=products/eval")
+                  "eval.limit=3", "++eval.gen_kwargs.max_gen_toks=6", "output_dir=products/eval")
     models = {m["ref"]: m for m in record["eval"]["models"]}
     assert models["base"]["path"] == str(smollm2_dir)
     assert models[str(lora_math[0])]["base"] == str(smollm2_dir)
