@@ -16,17 +16,21 @@ from pathlib import Path
 from polyft.errors import PolyftError
 
 
+def jsonl_rows(path: Path, label: str | None = None):
+    """(line number, parsed row) of a jsonl file, blank lines skipped; a line that is not
+    JSON is one line naming `label` (default: the path) and the line number."""
+    with Path(path).open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError:
+                    raise PolyftError(f"{label or path}: line {i} is not valid JSON") from None
+
+
 def _read_file(kind: str, path: Path) -> list[dict]:
     if kind == "jsonl":
-        with path.open(encoding="utf-8") as fh:
-            rows = []
-            for i, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise PolyftError(f"{path}: line {i} is not valid JSON") from None
-            return rows
+        return [row for _, row in jsonl_rows(path)]
     if kind == "csv":
         with path.open(encoding="utf-8", newline="") as fh:
             return list(csv.DictReader(fh))

@@ -14,7 +14,6 @@ the feature FLix routes on. No torch, no datasets: the CLI reads sources while c
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from polyft.errors import PolyftError
@@ -129,20 +128,15 @@ def lang_file(root: str, task: str, split: str, lang: str, what: str) -> Path:
 
 def read_file(path: Path, task: str) -> list[dict]:
     """A release file's rows; each must be JSON with the task's fields as strings."""
+    from polyft.data.sources import jsonl_rows
+
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise PolyftError(f"{path}: line {i} is not valid JSON") from None
-            missing = [f for f in FIELDS[task] if not isinstance(row, dict) or f not in row]
-            if missing:
-                raise PolyftError(f"{path}: line {i} has no field {missing[0]} (a {task} row has "
-                                  f"{', '.join(FIELDS[task])})")
-            rows.append(row)
+    for i, row in jsonl_rows(path):
+        missing = [f for f in FIELDS[task] if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise PolyftError(f"{path}: line {i} has no field {missing[0]} (a {task} row has "
+                              f"{', '.join(FIELDS[task])})")
+        rows.append(row)
     if not rows:
         raise PolyftError(f"{path}: no rows")
     return rows

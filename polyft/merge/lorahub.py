@@ -21,7 +21,6 @@ Reads top to bottom: inputs (no torch), then the maths, the objective, the searc
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,21 +154,16 @@ def few_shot_rows(cfg) -> tuple[list[dict], int]:
     if not path.is_file():
         raise PolyftError(f"merge.data={data}: no such file; give a jsonl file with "
                           f"{m.prompt_field} and {m.response_field} fields, or a data option name")
+    from polyft.data.sources import jsonl_rows
+
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise PolyftError(f"merge.data={data}: line {i} is not valid JSON") from None
-            if not isinstance(row, dict) or m.prompt_field not in row or m.response_field not in row:
-                have = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-                raise PolyftError(f"merge.data={data}: line {i} lacks {m.prompt_field!r} or {m.response_field!r} "
-                                  f"(has: {have}); set merge.prompt_field / merge.response_field")
-            rows.append({"prompt": str(row[m.prompt_field]), "response": str(row[m.response_field]),
-                         "lang": str(row.get("lang") or ""), "task": row.get("task")})
+    for i, row in jsonl_rows(path, f"merge.data={data}"):
+        if not isinstance(row, dict) or m.prompt_field not in row or m.response_field not in row:
+            have = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise PolyftError(f"merge.data={data}: line {i} lacks {m.prompt_field!r} or {m.response_field!r} "
+                              f"(has: {have}); set merge.prompt_field / merge.response_field")
+        rows.append({"prompt": str(row[m.prompt_field]), "response": str(row[m.response_field]),
+                     "lang": str(row.get("lang") or ""), "task": row.get("task")})
     if not rows:
         raise PolyftError(f"merge.data={data}: the few-shot file has no rows")
     return rows, m.max_length or _JSONL_MAX_LENGTH
