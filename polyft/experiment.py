@@ -39,12 +39,13 @@ def expert_cfg(cfg: DictConfig, name: str) -> DictConfig:
     out = copy.deepcopy(cfg)
     # Always on top of the root's groups: an expert's config (cont, with init_from) that
     # derives another expert's (the one it starts from) must not pass its overrides on.
-    root = cfg.expert_root if cfg.expert_root is not None else {g: cfg[g] for g in GROUPS}
     with open_dict(out):
         out.expert = name
-        out.expert_root = copy.deepcopy(root)
-    for g in GROUPS:
-        out[g] = copy.deepcopy(root[g])
+        if cfg.expert_root is None:  # cfg is the root: its groups, kept for derived experts
+            out.expert_root = {g: out[g] for g in GROUPS}
+        else:
+            for g in GROUPS:
+                out[g] = cfg.expert_root[g]
     for key, value in spec.items():
         if key not in GROUPS:
             raise PolyftError(f"experts.{name}.{key}: not a trainable group; allowed: {', '.join(GROUPS)}")
