@@ -11,6 +11,7 @@ import importlib
 import itertools
 import re
 import sys
+import time
 from pathlib import Path
 
 from polyft.config import COMMANDS, RootConfig, register_configs, to_container, validate
@@ -213,6 +214,44 @@ def run_command(cfg) -> None:
     record.finish("ok")
 
 
+def plan_command(args: list[str]) -> int:
+    """`polyft plan ...`: compose each point as the sweep would and print polyft.plan's table
+    (here, not in plan.py, because it composes configs as the other commands do)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from polyft.config import validate
+    from polyft.plan import USAGE, estimates, table
+
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    start = time.time()
+    overrides, flags = split_args(args)
+    multirun = "-m" in flags or "--multirun" in flags
+    rows, gpus, first = [], None, None
+    try:
+        points = sweep_points(overrides, multirun)
+        for n, point in enumerate(points):
+            point = [o for o in point if not o.lstrip("+~").startswith("hydra")]
+            cfg = compose("plan", point)
+            validate(cfg)
+            label = " ".join(o for o in point if o not in overrides) or str(n)
+            rows += [(f"#{n} {label}" if multirun else label, e) for e in estimates(cfg)]
+            gpus = list(cfg.plan.gpus)
+            first = first or cfg
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise PolyftError(explain(exc)) from None
+    e0 = rows[0][1]
+    device = "GPU (bf16 compute)" if first.plan.device == "gpu" else "CPU (fp32)"
+    print(f"memory per {device} device, batch {e0.batch} x length {e0.seq}; GiB; * = the config's "
+          f"activation checkpointing setting (train.gradient_checkpointing)")
+    print(table(rows, gpus))
+    print(f"polyft: planned {len(points)} point(s) in {time.time() - start:.1f} s, nothing loaded",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -223,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"unknown command '{command}'; use one of: {', '.join(COMMANDS)}")
     if command == "plan":  # prints, writes nothing: no run directory, no Hydra launcher
         try:
-            return importlib.import_module(HANDLERS[command]).main(rest)
+            return plan_command(rest)
         except PolyftError as exc:
             fail(str(exc))
     wants_help = any(a in ("--help", "-h", "--hydra-help") for a in rest)

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from polyft.errors import ConfigError, PolyftError
+from polyft.errors import ConfigError
 
 GIB = 2 ** 30
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -247,40 +245,3 @@ def table(rows: list[tuple[str, Estimate]], gpus) -> str:
             _gb(e.activations_ckpt) + (" *" if e.checkpointing else ""), _gb(e.peak),
             f"{size} GB" if size else f"> {max(gpus)} GB"]) + " |")
     return "\n".join(lines)
-
-
-def main(args: list[str]) -> int:
-    """`polyft plan ...`: compose each point as the sweep would and print the table."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from polyft.cli import compose, explain, split_args, sweep_points
-    from polyft.config import validate
-
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    start = time.time()
-    overrides, flags = split_args(args)
-    multirun = "-m" in flags or "--multirun" in flags
-    rows, gpus, first = [], None, None
-    try:
-        points = sweep_points(overrides, multirun)
-        for n, point in enumerate(points):
-            point = [o for o in point if not o.lstrip("+~").startswith("hydra")]
-            cfg = compose("plan", point)
-            validate(cfg)
-            label = " ".join(o for o in point if o not in overrides) or str(n)
-            rows += [(f"#{n} {label}" if multirun else label, e) for e in estimates(cfg)]
-            gpus = list(cfg.plan.gpus)
-            first = first or cfg
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise PolyftError(explain(exc)) from None
-    e0 = rows[0][1]
-    device = "GPU (bf16 compute)" if first.plan.device == "gpu" else "CPU (fp32)"
-    print(f"memory per {device} device, batch {e0.batch} x length {e0.seq}; GiB; * = the config's "
-          f"activation checkpointing setting (train.gradient_checkpointing)")
-    print(table(rows, gpus))
-    print(f"polyft: planned {len(points)} point(s) in {time.time() - start:.1f} s, nothing loaded",
-          file=sys.stderr)
-    return 0

@@ -154,7 +154,7 @@ def few_shot_rows(cfg) -> tuple[list[dict], int]:
     if not path.is_file():
         raise PolyftError(f"merge.data={data}: no such file; give a jsonl file with "
                           f"{m.prompt_field} and {m.response_field} fields, or a data option name")
-    from polyft.data.sources import jsonl_rows
+    from polyft.data.jsonl import jsonl_rows
 
     rows = []
     for i, row in jsonl_rows(path, f"merge.data={data}"):
