@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import re
 import sys
 import time
 from pathlib import Path
 
-from polyft.config import COMMANDS, RootConfig, register_configs, to_container, validate
 from polyft.errors import PolyftError
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
 HANDLERS = {
     "train": "polyft.train",
     "merge": "polyft.merge.command",
@@ -81,53 +78,6 @@ def sweep_points(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(p) for p in itertools.islice(itertools.product(*axes), PREFLIGHT_POINTS)]
 
 
-def _schema_keys(dotted: str) -> list[str] | None:
-    """Allowed keys under a config path such as 'adapter', from the dataclass schemas."""
-    import dataclasses
-
-    node = RootConfig
-    for part in [p for p in dotted.split(".") if p]:
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory()
-                                                              if fields[part].default_factory
-                                                              is not dataclasses.MISSING else None):
-            return None
-        node = type(fields[part].default_factory())
-    return [f.name for f in dataclasses.fields(node)]
-
-
-def explain(exc: BaseException) -> str:
-    """Turn a Hydra/OmegaConf composition error into one line naming the key."""
-    text = str(exc)
-    cause = exc.__cause__
-    while cause is not None:  # Hydra wraps the OmegaConf error that names the key
-        text += "\n" + str(cause)
-        cause = cause.__cause__
-    m = re.search(r"Could not find '([^']+)/([^']+)'.*?Available options in '[^']+':(.*?)(Config search path|$)",
-                  text, re.S)
-    if m:
-        group, option, avail = m.group(1), m.group(2), m.group(3).split()
-        return f"{group}={option}: no such option; available: {', '.join(avail) or '(none)'}"
-    m = re.search(r"Could not find '([^']+)'", text)
-    if m:
-        return f"{m.group(1)}: no such config group or option"
-    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' not in", text)
-    if m:
-        key = m.group(1)
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        allowed = _schema_keys(parent)
-        if allowed:
-            return f"{key}: unknown key; allowed keys under {parent or 'the root'}: {', '.join(allowed)}"
-        return f"{key}: not in the config; to add a new entry to a mapping use +{key}=VALUE"
-    m = re.search(r"Value '([^']*)' (?:of type '[^']+' )?(?:could not be converted to|is not a valid value for) (\w+)",
-                  text)
-    k = re.search(r"full_key: (\S+)", text)
-    if m and k:
-        return f"{k.group(1)}={m.group(1)}: expected {m.group(2).lower()}"
-    first = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    return first[:400]
-
-
 def handler_for(cfg):
     """The module (or stage) with `check(cfg)` and `command(cfg, record)` for this run.
     Under an experiment, merge and eval act on all of the experiment's models."""
@@ -136,74 +86,104 @@ def handler_for(cfg):
     return importlib.import_module(HANDLERS[cfg.command])
 
 
-def compose(command: str, overrides: list[str], with_hydra: bool = False):
-    """The config of one run, as Hydra composes it (hydra.* overrides are Hydra's own;
-    `with_hydra` keeps the hydra node, with its launcher)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"command={command}", *overrides],
-                             return_hydra_config=with_hydra)
+def config_dir_flag(flags: list[str]) -> str | None:
+    for i, f in enumerate(flags[:-1]):
+        if f in ("--config-dir", "-cd"):
+            return flags[i + 1]
+    return None
 
 
-def check_launcher_point(command: str, point: list[str]) -> None:
-    """A sweep point's launcher values (cpus, memory, time, partition...), before any submission."""
-    if not any(o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher", "resources", "plan.fit"))
-               for o in point):
-        return
+def check_launcher(cfg) -> None:
+    """A point's launcher values (cpus, memory, time, partition...), before any submission."""
     from omegaconf import OmegaConf
 
-    from polyft.launchers import check_launcher
+    from polyft.launchers import check_launcher as check_values
 
-    cfg = compose(command, point, with_hydra=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher)
-    check_launcher(launcher, resources=dict(cfg.resources))
+    if "polyft_launchers" not in str(launcher.get("_target_")) and not cfg.resources:
+        return
+    check_values(launcher, resources=dict(cfg.resources))
     if cfg.plan.fit and "polyft_launchers" in str(launcher.get("_target_")):
         from polyft.plan import fit_resources
 
         fit_resources(cfg, launcher)  # a point that fits no GPU is refused here, not at submission
 
 
-def preflight(command: str, args: list[str], files: bool = True) -> None:
-    """Compose and validate every run point; raise PolyftError on the first bad one.
-    `files=False` (for --cfg/--info, which only print) skips the checks that read files or the hub."""
+def preflight(command: str, overrides: list[str], dirs: list, multirun: bool, files: bool = True) -> list:
+    """Compose and validate every run point (with its hydra node); raise PolyftError on the
+    first bad one. `files=False` (for --cfg/--info, which only print) skips the checks that
+    read files or the hub. Returns the configs, to run a single point from."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides, flags = split_args(args)
-    multirun = "-m" in flags or "--multirun" in flags
+    from polyft.compose import compose, explain
+    from polyft.experiment import validate_run
+
     try:
-        points = sweep_points(overrides, multirun)
+        points = sweep_points(overrides, multirun) if multirun else [overrides]
     except (HydraException, OmegaConfBaseException) as exc:
-        raise PolyftError(explain(exc)) from None
+        raise PolyftError(explain(exc, dirs)) from None
     configs = []
-    for full in points:  # every point's config rules first: a bad sweep value is refused at once
-        point = [o for o in full if not o.lstrip("+~").startswith("hydra")]
+    for point in points:  # every point's config rules first: a bad sweep value is refused at once
         try:
-            cfg = compose(command, point)
-            check_launcher_point(command, full)
+            cfg = compose(command, point, with_hydra=True, dirs=dirs)
+            check_launcher(cfg)
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
-            raise PolyftError(explain(exc)) from None
-        validate(cfg)
+            raise PolyftError(explain(exc, dirs)) from None
+        validate_run(cfg)
         configs.append(cfg)
     for cfg in configs:  # then what reads files (models, data) or the hub
         check = getattr(handler_for(cfg), "check", None)
         if check is not None and files:
-            check(cfg)
+            check(job_config(cfg))
+    return configs
+
+
+def job_config(cfg):
+    """The config without its hydra node: what the command sees (as Hydra's run_job gives it)."""
+    import copy
+
+    from omegaconf import open_dict, read_write
+
+    out = copy.deepcopy(cfg)
+    with read_write(out), open_dict(out):
+        del out["hydra"]
+    return out
+
+
+def run_single(cfg) -> None:
+    """Run one composed point as Hydra's run mode does (run dir, .hydra/, logging, callbacks),
+    without composing it again."""
+    from hydra.core.utils import run_job
+    from hydra.types import HydraContext, RunMode
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra._internal.callbacks import Callbacks
+    from omegaconf import read_write
+
+    with read_write(cfg.hydra):
+        cfg.hydra.mode = RunMode.RUN
+    callbacks = Callbacks(cfg)
+    callbacks.on_run_start(config=cfg, config_name="config")
+    ret = run_job(hydra_context=HydraContext(config_loader=GlobalHydra.instance().config_loader(),
+                                             callbacks=callbacks),
+                  task_function=run_command, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
+                  configure_logging=True)
+    callbacks.on_run_end(config=cfg, config_name="config", job_return=ret)
+    _ = ret.return_value  # re-raises what the command raised
 
 
 def run_command(cfg) -> None:
     """Hydra's task function: one run directory, one run.json, one command."""
     from hydra.core.hydra_config import HydraConfig
 
+    from polyft.config import to_container, validate
     from polyft.runs import RunRecord
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     handler = handler_for(cfg)
     record = RunRecord(run_dir, cfg.command, to_container(cfg), seed=cfg.seed)
     try:
-        validate(cfg)
+        validate(cfg)  # the experiment's structure was checked by preflight, before any directory
         handler.command(cfg, record)
     except PolyftError as exc:
         record.finish("failed", str(exc))
@@ -220,7 +200,8 @@ def plan_command(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from polyft.config import validate
+    from polyft.compose import compose, explain, user_config_dirs, with_dirs
+    from polyft.experiment import validate_run
     from polyft.plan import USAGE, estimates, table
 
     if any(a in ("-h", "--help") for a in args):
@@ -230,18 +211,19 @@ def plan_command(args: list[str]) -> int:
     overrides, flags = split_args(args)
     multirun = "-m" in flags or "--multirun" in flags
     rows, gpus, first = [], None, None
+    dirs = user_config_dirs(config_dir_flag(flags), overrides)
+    overrides = with_dirs(overrides, dirs)
     try:
         points = sweep_points(overrides, multirun)
         for n, point in enumerate(points):
-            point = [o for o in point if not o.lstrip("+~").startswith("hydra")]
-            cfg = compose("plan", point)
-            validate(cfg)
+            cfg = compose("plan", point, dirs=dirs)
+            validate_run(cfg)
             label = " ".join(o for o in point if o not in overrides) or str(n)
             rows += [(f"#{n} {label}" if multirun else label, e) for e in estimates(cfg)]
             gpus = list(cfg.plan.gpus)
             first = first or cfg
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise PolyftError(explain(exc)) from None
+        raise PolyftError(explain(exc, dirs)) from None
     e0 = rows[0][1]
     device = "GPU (bf16 compute)" if first.plan.device == "gpu" else "CPU (fp32)"
     print(f"memory per {device} device, batch {e0.batch} x length {e0.seq}; GiB; * = the config's "
@@ -257,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    from polyft.config import COMMANDS
+
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; use one of: {', '.join(COMMANDS)}")
@@ -265,20 +249,51 @@ def main(argv: list[str] | None = None) -> int:
             return plan_command(rest)
         except PolyftError as exc:
             fail(str(exc))
-    wants_help = any(a in ("--help", "-h", "--hydra-help") for a in rest)
-    if not wants_help:
-        try:
-            preflight(command, rest, files=not any(a in ("--cfg", "-c", "--info", "-i") for a in rest))
-        except PolyftError as exc:
-            fail(str(exc))
+    from polyft.compose import user_config_dirs, with_dirs
+
+    overrides, flags = split_args(rest)
+    multirun = "-m" in flags or "--multirun" in flags
+    try:
+        dirs = user_config_dirs(config_dir_flag(flags), overrides)
+        overrides = with_dirs(overrides, dirs)
+        printing = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
+        if printing & set(flags):
+            if not {"--help", "-h", "--hydra-help"} & set(flags):
+                preflight(command, overrides, dirs, multirun=False, files=False)
+            return hydra_main(command, overrides, flags, dirs)
+        configs = preflight(command, overrides, dirs, multirun)
+    except PolyftError as exc:
+        fail(str(exc))
+    from polyft.compose import hydra_app
+
+    if not multirun:
+        run_single(configs[0])
+        return 0
+    app = hydra_app(command, dirs)  # Hydra's sweeper and launcher compose each point
+    app.multirun(config_name="config", task_function=run_command, overrides=[f"command={command}", *overrides])
+    return sweep_status()
+
+
+def hydra_main(command: str, overrides: list[str], flags: list[str], dirs: list) -> int:
+    """--help, --cfg, --info and the other flags that print: Hydra's own, with the user's
+    directories on its search path."""
     import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    from polyft.compose import CONF_DIR
+    from polyft.config import register_configs
 
     register_configs()
+    GlobalHydra.instance().clear()  # preflight's application; hydra.main makes its own
+    flags = [f for i, f in enumerate(flags) if f not in ("--config-dir", "-cd")
+             and not (i and flags[i - 1] in ("--config-dir", "-cd"))]
+    if dirs:
+        overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.searchpath")]
+        overrides.append(f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]")
     # Hydra's parser wants its flags before the overrides.
-    overrides, flags = split_args(rest)
     sys.argv = [f"polyft-{command}", *flags, f"command={command}", *overrides]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run_command)()
-    return sweep_status()
+    return 0
 
 
 def sweep_status() -> int:

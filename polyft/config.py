@@ -18,6 +18,7 @@ from polyft.errors import ConfigError
 from polyft.models.tiny import TinySpec
 
 COMMANDS = ("train", "merge", "eval", "run", "report", "plan")
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the shipped options; users add theirs (polyft.compose)
 
 
 # The tiny offline model's spec is its config group entry (`model.tiny`).
@@ -169,7 +170,7 @@ class MergeConfig:
     batch_size: int = 8  # few-shot rows per forward pass
     max_length: Optional[int] = None  # tokens per row; default: the data config's (jsonl: 1024)
     dtype: Optional[str] = None  # default: the inputs'
-    shard_size: str = "2GB"
+    shard_size: str = "1GB"  # shards are written in parallel, a file per core
     config_source: Optional[str] = None
     tokenizer_source: Optional[str] = None
     vocab: str = "strict"  # strict | first
@@ -256,12 +257,32 @@ class RootConfig:
     expert: Optional[str] = None  # train only this expert
     expert_root: Optional[Dict[str, Any]] = None  # set by experiment.expert_cfg: the root's groups
     baselines: Dict[str, Any] = field(default_factory=dict)  # name -> merge config, beside `merge`
+    # The user's config directories, searched after polyft's conf/ (set by the CLI from
+    # --config-dir, ./conf and hydra.searchpath), where an expert's `data: NAME` is found too.
+    config_dirs: List[str] = field(default_factory=list)
 
 
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="polyft_schema", node=RootConfig)
+    store = ConfigStore.instance()
+    if "polyft_schema.yaml" not in store.repo:  # once per process: building the node is not free
+        store.store(name="polyft_schema", node=RootConfig)
+
+
+def option_file(group: str, name: str, config_dirs=()) -> Path | None:
+    """conf/<group>/<name>.yaml in polyft's conf, else in the first user directory holding it."""
+    if "/" in name:
+        return None
+    for d in [CONF_DIR, *map(Path, config_dirs)]:
+        f = d / group / f"{name}.yaml"
+        if f.is_file():
+            return f
+    return None
+
+
+def option_names(group: str, config_dirs=()) -> list[str]:
+    return sorted({f.stem for d in [CONF_DIR, *map(Path, config_dirs)] for f in (d / group).glob("*.yaml")})
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -482,7 +503,8 @@ def _check_flix_data(cfg) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Cross-field rules for the groups the command uses. Raises ConfigError (one line)."""
+    """Cross-field rules for the groups the command uses. Raises ConfigError (one line).
+    An experiment's structure (experts, merges, refs) is polyft.experiment.validate_run's."""
     _choice("command", cfg.command, COMMANDS)
     _choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
     _choice("model.chat_template", cfg.model.chat_template, ("model", "plain"))
@@ -498,10 +520,6 @@ def validate(cfg: DictConfig) -> None:
         _check_merge(cfg.merge)
     if cfg.command in ("eval", "run"):
         _check_eval(cfg.eval)
-    if cfg.experts or cfg.baselines:
-        from polyft.experiment import validate_experiment
-
-        validate_experiment(cfg)
 
 
 def to_container(cfg: DictConfig | ListConfig) -> Any:

@@ -4,7 +4,10 @@ An experiment (`conf/exp/NAME.yaml`, `# @package _global_`) overrides groups and
     experts:   {math: {data: ..., adapter: ..., train: ...}, lang: {...}}
     merge:     the experiment's main merge (the one a sweep varies), named by merge.name
     baselines: {soup: {method: linear, models: [math, lang]}, ...}
-A ref in merge.models / eval.models is `base`, an expert name, a merge name or a path.
+A ref in merge.models / eval.models is `base`, an expert name, a merge name or a path;
+polyft.merge.command.resolve_ref turns it into a directory (this module reads no products).
+
+Layers: config (schemas, group rules) < experiment (structure) < train < merge < eval < run < cli.
 """
 
 from __future__ import annotations
@@ -14,18 +17,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from polyft.errors import MissingArtifactError, PolyftError
+from polyft.errors import PolyftError
 
 GROUPS = ("model", "adapter", "quant", "data", "train")
 
 
-def _group_node(group: str, value):
+def _group_node(cfg: DictConfig, group: str, value):
     """An expert may name a group option (`data: demo_math`) or give it inline."""
     if isinstance(value, str):
-        f = Path(__file__).resolve().parent / "conf" / group / f"{value}.yaml"
-        if not f.is_file():
-            options = sorted(p.stem for p in f.parent.glob("*.yaml"))
-            raise PolyftError(f"{group}={value}: no such option; available: {', '.join(options)}")
+        from polyft.config import option_file, option_names
+
+        f = option_file(group, value, cfg.config_dirs)
+        if f is None:
+            raise PolyftError(f"{group}={value}: no such option; available: "
+                              f"{', '.join(option_names(group, cfg.config_dirs))}")
         return OmegaConf.load(f)
     return value
 
@@ -49,15 +54,45 @@ def expert_cfg(cfg: DictConfig, name: str) -> DictConfig:
     for key, value in spec.items():
         if key not in GROUPS:
             raise PolyftError(f"experts.{name}.{key}: not a trainable group; allowed: {', '.join(GROUPS)}")
-        node = _group_node(key, value)
+        node = _group_node(cfg, key, value)
         if isinstance(value, str):  # a whole option replaces the group
             out[key] = OmegaConf.merge(OmegaConf.structured(type(OmegaConf.to_object(cfg[key]))), node)
         else:
             out[key] = OmegaConf.merge(out[key], node)
     if out.adapter.get("match") and not cfg.get("expert"):  # a LoRA sized to a FLix expert
-        from polyft.train import resolve_match
-
         out = resolve_match(out, cfg)
+    return out
+
+
+def resolve_match(cfg, root):
+    """adapter.match=EXPERT (a LoRA expert beside a FLix expert of the experiment `root`): the
+    config with adapter.r set to the rank whose LoRA has the FLix expert's trainable parameter
+    count. FLix has one LoRA of rank r_t per value of each feature type on the same modules,
+    so that rank is sum_t r_t * n_t (n_t: the values the FLix expert's data carries)."""
+    if cfg.adapter.type != "lora" or not cfg.adapter.match:
+        return cfg
+
+    from polyft.adapters.flix import feature_values
+    from polyft.data.mixture import load_mixture
+    from polyft.models.load import is_offline
+
+    ref = cfg.adapter.match
+    if ref not in root.experts:
+        raise PolyftError(f"adapter.match={ref}: not an expert of this experiment")
+    other = expert_cfg(root, ref)
+    if other.adapter.type != "flix":
+        raise PolyftError(f"adapter.match={ref}: expert {ref} is adapter={other.adapter.type}, not flix")
+    if list(other.adapter.target_modules) != list(cfg.adapter.target_modules):
+        raise PolyftError(f"adapter.match={ref}: adapter.target_modules differ from expert {ref}'s "
+                          f"({list(other.adapter.target_modules)}); parameter counts would not match")
+    fa = other.adapter
+    values = feature_values(load_mixture(other.data, is_offline(other.offline)), list(fa.features))
+    counts = {t: int(fa.ranks[t]) * len(values[t]) for t in fa.features}
+    alpha = {t: fa.alpha[t] if OmegaConf.is_config(fa.alpha) else fa.alpha for t in fa.features}
+    out = copy.deepcopy(cfg)
+    out.adapter.r = sum(counts.values())
+    # the scale alpha / r of FLix's rank directions (their mean, weighted by rank, when it differs per type)
+    out.adapter.alpha = float(sum(counts[t] * alpha[t] / int(fa.ranks[t]) for t in fa.features))
     return out
 
 
@@ -81,47 +116,6 @@ def merge_cfg(cfg: DictConfig, name: str) -> DictConfig:
 
     out.merge = OmegaConf.merge(OmegaConf.structured(MergeConfig), cfg.baselines[name], {"name": name})
     return out
-
-
-def find_merged(cfg: DictConfig) -> Path | None:
-    """The store's product of the merge `cfg.merge`, if made (its inputs must exist)."""
-    from polyft.merge import adapter_space
-    from polyft.merge.command import KIND, product_key, resolve_inputs
-    from polyft.runs import ArtifactStore
-
-    if adapter_space.is_adapter_method(cfg.merge.method):
-        key = adapter_space.method_module(cfg.merge.method).product_key(cfg)
-    else:
-        key = product_key(cfg, resolve_inputs(cfg))
-    return ArtifactStore(Path(cfg.output_root) / "artifacts").find(KIND, main_merge_name(cfg), key)
-
-
-def resolve_ref(cfg: DictConfig, ref: str) -> Path:
-    """A directory for `base`, an expert, a merge of the experiment, or a path."""
-    if ref == "base":
-        from polyft.models.load import resolve_model_path
-
-        return Path(resolve_model_path(cfg.model, cfg.output_root, cfg.offline))
-    exp = cfg.exp_name or "EXP"
-    if ref in cfg.experts:
-        from polyft.train import existing_product, plan
-
-        found = existing_product(plan(expert_cfg(cfg, ref)))
-        if found is None:
-            raise MissingArtifactError(f"expert '{ref}' is not trained yet; run: polyft train +exp={exp} expert={ref}")
-        return found
-    if ref in cfg.baselines or (ref == main_merge_name(cfg) and (cfg.merge.models or cfg.merge.middle
-                                                                  or cfg.merge.adapters)):
-        found = find_merged(merge_cfg(cfg, ref))
-        if found is None:
-            raise MissingArtifactError(f"merge '{ref}' is not made yet; run: polyft merge +exp={exp}")
-        return found
-    path = Path(ref).expanduser()
-    if path.exists():
-        return path.resolve()
-    known = ["base", *cfg.experts, *merge_names(cfg)]
-    raise PolyftError(f"model ref '{ref}': no such path, and not one of this experiment's models "
-                      f"({', '.join(known)})")
 
 
 def eval_models(cfg: DictConfig) -> list[str]:
@@ -180,3 +174,13 @@ def validate_experiment(cfg: DictConfig) -> None:
             if ref not in produced and not Path(ref).exists():
                 raise PolyftError(f"eval.models names '{ref}', which no stage of exp={cfg.exp_name} "
                                   f"produces; known: {', '.join(sorted(produced))}")
+
+
+def validate_run(cfg: DictConfig) -> None:
+    """validate() of the groups, then, for an experiment, of its structure: what a command
+    checks before it reads any file."""
+    from polyft.config import validate
+
+    validate(cfg)
+    if cfg.experts or cfg.baselines:
+        validate_experiment(cfg)

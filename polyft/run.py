@@ -16,17 +16,14 @@ from omegaconf import open_dict
 from polyft.errors import PolyftError
 
 
-def _available_experiments() -> list[str]:
-    return sorted(p.stem for p in (Path(__file__).resolve().parent / "conf" / "exp").glob("*.yaml"))
-
-
 def check(cfg) -> None:
     """Refuse an experiment that cannot run, before anything is written."""
     from polyft import train
+    from polyft.config import option_names
 
     if not cfg.exp_name:
         raise PolyftError("polyft run needs an experiment: +exp=NAME; available: "
-                          + ", ".join(_available_experiments()))
+                          + ", ".join(option_names("exp", cfg.config_dirs)))
     train.check(cfg)
 
 

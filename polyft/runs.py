@@ -207,3 +207,13 @@ def load_runs(root: str | os.PathLike) -> list[dict]:
         rec["run_dir"] = str(f.parent)
         runs.append(rec)
     return runs
+
+
+def fingerprint(path: Path) -> dict:
+    """What identifies a model or adapter directory: its manifest hash if it is a polyft
+    product, else the sizes and modification times of its files."""
+    manifest = read_manifest(path)
+    if manifest:
+        return {"manifest": manifest.get("hash"), "kind": manifest.get("kind")}
+    files = sorted(f for f in Path(path).iterdir() if f.is_file())
+    return {"files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}

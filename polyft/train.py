@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from polyft.errors import ConfigError, PolyftError
+from polyft.errors import ConfigError, MissingArtifactError, PolyftError
 from polyft.models.load import (builds_tiny, check_model_dir, is_offline, looks_like_hub_id,
                                 resolve_model_path, safetensors_names)
 from polyft.runs import ArtifactStore, config_hash, read_manifest
@@ -88,39 +88,6 @@ def plan(cfg, build_model: bool = True) -> Plan:
     return Plan(path, kind, product_name(cfg), key, ArtifactStore(Path(cfg.output_root) / "artifacts"), target)
 
 
-def resolve_match(cfg, root):
-    """adapter.match=EXPERT (a LoRA expert beside a FLix expert of the experiment `root`): the
-    config with adapter.r set to the rank whose LoRA has the FLix expert's trainable parameter
-    count. FLix has one LoRA of rank r_t per value of each feature type on the same modules,
-    so that rank is sum_t r_t * n_t (n_t: the values the FLix expert's data carries)."""
-    if cfg.adapter.type != "lora" or not cfg.adapter.match:
-        return cfg
-    import copy
-
-    from polyft.adapters.flix import feature_values
-    from polyft.data.mixture import load_mixture
-    from polyft.experiment import expert_cfg
-
-    ref = cfg.adapter.match
-    if ref not in root.experts:
-        raise PolyftError(f"adapter.match={ref}: not an expert of this experiment")
-    other = expert_cfg(root, ref)
-    if other.adapter.type != "flix":
-        raise PolyftError(f"adapter.match={ref}: expert {ref} is adapter={other.adapter.type}, not flix")
-    if list(other.adapter.target_modules) != list(cfg.adapter.target_modules):
-        raise PolyftError(f"adapter.match={ref}: adapter.target_modules differ from expert {ref}'s "
-                          f"({list(other.adapter.target_modules)}); parameter counts would not match")
-    fa = other.adapter
-    values = feature_values(load_mixture(other.data, is_offline(other.offline)), list(fa.features))
-    counts = {t: int(fa.ranks[t]) * len(values[t]) for t in fa.features}
-    alpha = {t: fa.alpha[t] if OmegaConf.is_config(fa.alpha) else fa.alpha for t in fa.features}
-    out = copy.deepcopy(cfg)
-    out.adapter.r = sum(counts.values())
-    # the scale alpha / r of FLix's rank directions (their mean, weighted by rank, when it differs per type)
-    out.adapter.alpha = float(sum(counts[t] * alpha[t] / int(fa.ranks[t]) for t in fa.features))
-    return out
-
-
 def flix_total_rank(cfg) -> int:
     """sum over feature types of r_t x (values of t in the training data): FLix's rank directions."""
     from polyft.adapters.flix import feature_values
@@ -144,11 +111,18 @@ def init_identity(cfg) -> dict:
 
 def init_dir(cfg) -> str:
     ref = cfg.adapter.init_from
-    if ref in cfg.experts:
-        from polyft.experiment import resolve_ref
+    return str(expert_product(cfg, ref)) if ref in cfg.experts else ref
 
-        return str(resolve_ref(cfg, ref))
-    return ref
+
+def expert_product(cfg, name: str) -> Path:
+    """The trained product of expert `name` of the experiment `cfg`, or one line saying how to make it."""
+    from polyft.experiment import expert_cfg
+
+    found = existing_product(plan(expert_cfg(cfg, name)))
+    if found is None:
+        raise MissingArtifactError(f"expert '{name}' is not trained yet; run: polyft train "
+                                   f"+exp={cfg.exp_name or 'EXP'} expert={name}")
+    return found
 
 
 def existing_product(p: Plan) -> Path | None:

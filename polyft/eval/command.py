@@ -17,7 +17,6 @@ Local data layout (eval.data_dir): see polyft/eval/data.py,
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -25,30 +24,28 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from polyft.errors import PolyftError
+from polyft.errors import MissingArtifactError, PolyftError
 from polyft.data.formatting import check_chat_template
 from polyft.eval.data import file_identity, is_hub_dataset, plan_data, write_demo_data
 from polyft.eval.models import ModelRef, artifact_label, describe, identity, order_by_base, tokenizer_source
 from polyft.eval.specs import TaskSpec, resolve_tasks
-from polyft.models.load import is_offline, resolve_model_path, set_offline_env
+from polyft.models.load import is_offline, set_offline_env
 from polyft.runs import ArtifactStore, config_hash, read_manifest
 
 KIND = "eval"
 
 
 def resolve_ref(cfg, ref: str, build: bool = True) -> str:
-    """The directory (or hub id) a model reference names: `base` is the configured model;
-    otherwise an existing path. (Experiment artifact names will resolve here too.)"""
-    if ref == "base":
-        return resolve_model_path(cfg.model, cfg.output_root, cfg.offline, build=build)
-    if ref in cfg.experts or ref in cfg.baselines or ref == (cfg.merge.name or cfg.merge.method):
-        from polyft.experiment import resolve_ref as experiment_ref
+    """The directory (or hub id, for `base`) a model reference names: base, an expert or a
+    merge of the experiment, or a path (polyft.merge.command.resolve_ref)."""
+    from polyft.merge.command import resolve_ref as model_ref
 
-        return str(experiment_ref(cfg, ref))
-    path = Path(os.path.expanduser(ref))
-    if path.exists():
-        return str(path.resolve())
-    raise PolyftError(f"eval.model={ref}: no such model or adapter directory; use base or a path")
+    try:
+        return str(model_ref(cfg, ref, build=build))
+    except MissingArtifactError:
+        raise
+    except PolyftError as exc:
+        raise PolyftError(f"eval.model={exc}") from None
 
 
 def model_refs(cfg) -> list[str]:

@@ -8,10 +8,12 @@ small and is served like any LoRA (peft, vLLM). Methods of this kind:
     lorahub        several LoRAs -> sum w_i A_i, sum w_i B_i, w searched (polyft.merge.lorahub)
 
 A method module defines
-    check(cfg) -> None                 refuse bad input (one line), reads headers only
-    product_key(cfg) -> dict           what determines the product (params + input identity)
-    build(cfg, out_dir: Path) -> dict  write adapter_config.json + adapter_model.safetensors
+    check(cfg, resolve) -> None        refuse bad input (one line), reads headers only
+    product_key(cfg, resolve) -> dict  what determines the product (params + input identity)
+    build(cfg, out_dir, resolve) -> dict  write adapter_config.json + adapter_model.safetensors
                                        into out_dir; return {"manifest": {...}, "metrics": {...}}
+where resolve(cfg, ref) -> Path is polyft.merge.command.resolve_ref (base, expert, merge or
+path), passed in so that the methods sit below the command that dispatches to them.
 and this module does the rest: the artifact store (lock, reuse, atomic rename), run.json.
 LoRA files are read and written here, so every method shares one format.
 """
@@ -116,18 +118,18 @@ def copy_tokenizer(out_dir: Path, *sources: str | os.PathLike | None) -> None:
             return
 
 
-def check(cfg) -> None:
-    method_module(cfg.merge.method).check(cfg)
+def check(cfg, resolve) -> None:
+    method_module(cfg.merge.method).check(cfg, resolve)
 
 
-def command(cfg, record, kind: str) -> None:
+def command(cfg, record, kind: str, resolve) -> None:
     """Find the product in the store or build it; record it in run.json."""
     from polyft.runs import ArtifactStore, config_hash, read_manifest
 
     module = method_module(cfg.merge.method)
-    module.check(cfg)
+    module.check(cfg, resolve)
     name = cfg.merge.name or cfg.merge.method
-    key = module.product_key(cfg)
+    key = module.product_key(cfg, resolve)
     store = ArtifactStore(Path(cfg.output_root) / "artifacts")
     target = Path(cfg.output_dir).resolve() if cfg.output_dir else None
     record.extra["product"] = {"kind": kind, "name": name, "hash": config_hash(key)}
@@ -142,7 +144,7 @@ def command(cfg, record, kind: str) -> None:
             print(f"polyft: merge {name} already built: {found}")
             return
         with store.build(kind, name, key, target=target) as build:
-            result = module.build(cfg, build.dir)
+            result = module.build(cfg, build.dir, resolve)
             build.manifest.update(method=cfg.merge.method, product="adapter", **result.get("manifest", {}))
     record.metrics.update(result.get("metrics", {}))
     record.add_artifact(kind, build.dir, reused=False)

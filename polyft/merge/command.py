@@ -14,24 +14,54 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from polyft.errors import ConfigError, PolyftError
-from polyft.runs import ArtifactStore, config_hash, read_manifest
+from polyft.errors import ConfigError, MissingArtifactError, PolyftError
+from polyft.runs import ArtifactStore, config_hash, fingerprint, read_manifest
 
 KIND = "merged"
 REF_KEYS = ("models", "base", "middle", "outer", "config_source", "tokenizer_source")
 
 
-def resolve_ref(cfg, ref) -> Path:
-    """The directory a model reference names. Today a reference is a path to a Hugging Face
-    model directory or a LoRA adapter directory."""
-    if ref == "base" or ref in cfg.experts or ref in cfg.baselines:
-        from polyft.experiment import resolve_ref as experiment_ref
+def resolve_ref(cfg, ref, build: bool = True) -> Path:
+    """The directory a model reference names: `base` (the configured model), an expert or a
+    merge of the experiment (its product in the store), or a path. Merges of merges resolve
+    recursively; adapter-space methods get this function to resolve their own refs."""
+    exp = cfg.exp_name or "EXP"
+    if ref == "base":
+        from polyft.models.load import resolve_model_path
 
-        return experiment_ref(cfg, ref)
+        return Path(resolve_model_path(cfg.model, cfg.output_root, cfg.offline, build=build))
+    if ref in cfg.experts:
+        from polyft.train import expert_product
+
+        return expert_product(cfg, ref)
+    if cfg.experts or cfg.baselines:
+        from polyft.experiment import merge_cfg, merge_names
+
+        if ref in merge_names(cfg):
+            found = find_merged(merge_cfg(cfg, ref))
+            if found is None:
+                raise MissingArtifactError(f"merge '{ref}' is not made yet; run: polyft merge +exp={exp}")
+            return found
     path = Path(os.path.expanduser(str(ref)))
     if path.exists():
         return path.resolve()
-    raise PolyftError(f"{ref}: no such model or adapter directory")
+    if cfg.experts or cfg.baselines:
+        from polyft.experiment import merge_names
+
+        known = ", ".join(["base", *cfg.experts, *merge_names(cfg)])
+        raise PolyftError(f"{ref}: no such path, and not one of exp={exp}'s models ({known})")
+    raise PolyftError(f"{ref}: no such model or adapter directory; use base or a path")
+
+
+def find_merged(cfg) -> Path | None:
+    """The store's product of the merge `cfg.merge`, if made (its inputs must exist)."""
+    from polyft.merge import adapter_space
+
+    if adapter_space.is_adapter_method(cfg.merge.method):
+        key = adapter_space.method_module(cfg.merge.method).product_key(cfg, resolve_ref)
+    else:
+        key = product_key(cfg, resolve_inputs(cfg))
+    return ArtifactStore(Path(cfg.output_root) / "artifacts").find(KIND, cfg.merge.name or cfg.merge.method, key)
 
 
 @dataclass
@@ -126,7 +156,7 @@ def check(cfg) -> None:
     from polyft.merge import adapter_space, engine, io
 
     if adapter_space.is_adapter_method(cfg.merge.method):
-        return adapter_space.check(cfg)
+        return adapter_space.check(cfg, resolve_ref)
 
     inputs = resolve_inputs(cfg)
     m = cfg.merge
@@ -180,16 +210,6 @@ def merge_spec(cfg, inputs: Inputs):
                      labels=[f"{k}={p}" for k, p in zip(inputs.keys, inputs.models)])
 
 
-def fingerprint(path: Path) -> dict:
-    """What identifies an input: its manifest hash if it is a polyft product, else the
-    sizes and modification times of its files."""
-    manifest = read_manifest(path)
-    if manifest:
-        return {"manifest": manifest.get("hash"), "kind": manifest.get("kind")}
-    files = sorted(f for f in Path(path).iterdir() if f.is_file())
-    return {"files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
-
-
 def product_key(cfg, inputs: Inputs) -> dict:
     """The part of the config that determines the merged weights, and the inputs' identity."""
     from omegaconf import OmegaConf
@@ -217,7 +237,7 @@ def command(cfg, record) -> None:
     from polyft.merge.engine import merge_models
 
     if adapter_space.is_adapter_method(cfg.merge.method):
-        return adapter_space.command(cfg, record, KIND)
+        return adapter_space.command(cfg, record, KIND, resolve_ref)
     check(cfg)
     inputs = resolve_inputs(cfg)
     name = cfg.merge.name or cfg.merge.method

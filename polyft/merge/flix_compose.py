@@ -20,15 +20,13 @@ from polyft.errors import PolyftError
 KEY = "merge.adapter"
 
 
-def adapter_dir(cfg) -> Path:
+def adapter_dir(cfg, resolve) -> Path:
     """merge.adapter: an expert of the experiment (trained) or a directory."""
     ref = cfg.merge.adapter
     if not ref:
         raise PolyftError(f"{KEY} is missing; give a FLix adapter directory (or an expert with adapter=flix)")
     if ref in cfg.experts:
-        from polyft.experiment import resolve_ref
-
-        return resolve_ref(cfg, ref)
+        return resolve(cfg, ref)
     path = Path(str(ref)).expanduser()
     if not path.is_dir():
         raise PolyftError(f"{KEY}={ref}: no such directory")
@@ -47,19 +45,19 @@ def feature_set(cfg, directory: Path) -> tuple[dict, list[str]]:
     return resolve_feature_set(flix_cfg, {k: str(v) for k, v in wanted.items()}, "merge.features")
 
 
-def check(cfg) -> None:
+def check(cfg, resolve) -> None:
     from polyft.adapters.flix import WEIGHTS_FILE
 
-    directory = adapter_dir(cfg)
+    directory = adapter_dir(cfg, resolve)
     feature_set(cfg, directory)
     if not (directory / WEIGHTS_FILE).is_file():
         raise PolyftError(f"{KEY}={directory}: no {WEIGHTS_FILE} (safetensors weights) in the FLix directory")
 
 
-def product_key(cfg) -> dict:
+def product_key(cfg, resolve) -> dict:
     from polyft.runs import read_manifest
 
-    directory = adapter_dir(cfg)
+    directory = adapter_dir(cfg, resolve)
     fs, _ = feature_set(cfg, directory)
     m = read_manifest(directory) or {}
     ident = {"hash": m["hash"]} if m.get("hash") else \
@@ -67,11 +65,11 @@ def product_key(cfg) -> dict:
     return {"method": "flix_compose", "adapter": ident, "features": fs}
 
 
-def build(cfg, out_dir: Path) -> dict:
+def build(cfg, out_dir: Path, resolve) -> dict:
     from polyft.adapters.flix import compose_to_peft
     from polyft.merge.adapter_space import copy_tokenizer
 
-    directory = adapter_dir(cfg)
+    directory = adapter_dir(cfg, resolve)
     fs, notices = feature_set(cfg, directory)
     for notice in notices:
         print(f"polyft: notice: {notice}")

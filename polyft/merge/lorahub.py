@@ -49,10 +49,9 @@ def _base_identity(ref: str) -> str:
     return str(p.resolve()) if p.exists() else ref
 
 
-def resolve_inputs(cfg) -> Inputs:
+def resolve_inputs(cfg, resolve) -> Inputs:
     """The adapter directories, after the rules that make their sum well defined."""
     from polyft.merge.adapter_space import WEIGHTS_FILE, read_lora_config
-    from polyft.merge.command import resolve_ref
     from polyft.merge.io import read_header
 
     m = cfg.merge
@@ -65,7 +64,7 @@ def resolve_inputs(cfg) -> Inputs:
         if not isinstance(ref, str) or not ref:
             raise ConfigError(f"{key}={ref}: expected a LoRA adapter directory or an expert name")
         try:
-            path = resolve_ref(cfg, ref)
+            path = resolve(cfg, ref)
         except PolyftError as exc:
             raise type(exc)(f"{key}: {exc}") from None
         conf = read_lora_config(path, f"{key}={ref}")
@@ -105,7 +104,7 @@ def resolve_inputs(cfg) -> Inputs:
                               "composed LoRAs must share one base model")
     if m.base:
         try:
-            base = resolve_ref(cfg, m.base)
+            base = resolve(cfg, m.base)
         except PolyftError as exc:
             raise type(exc)(f"merge.base: {exc}") from None
         where = f"merge.base={m.base}"
@@ -126,11 +125,13 @@ def _data_config(node):
     return dc
 
 
-def _data_option(name: str):
+def _data_option(name: str, config_dirs=()):
     from omegaconf import OmegaConf
 
-    f = Path(__file__).resolve().parents[1] / "conf" / "data" / f"{name}.yaml"
-    return OmegaConf.load(f) if f.is_file() and "/" not in name else None
+    from polyft.config import option_file
+
+    f = option_file("data", name, config_dirs)
+    return OmegaConf.load(f) if f is not None else None
 
 
 def few_shot_rows(cfg) -> tuple[list[dict], int]:
@@ -144,10 +145,10 @@ def few_shot_rows(cfg) -> tuple[list[dict], int]:
     if data is None or (isinstance(data, str) and not data.strip()):
         raise ConfigError("merge.data is missing; merge=lorahub needs the few-shot examples: a jsonl file "
                           "with prompt and response fields, a data option name or a data config")
-    if isinstance(data, (dict, DictConfig)) or (isinstance(data, str) and _data_option(data) is not None):
+    if isinstance(data, (dict, DictConfig)) or (isinstance(data, str) and _data_option(data, cfg.config_dirs) is not None):
         from polyft.data.mixture import load_mixture
 
-        dc = _data_config(data if not isinstance(data, str) else _data_option(data))
+        dc = _data_config(data if not isinstance(data, str) else _data_option(data, cfg.config_dirs))
         rows = load_mixture(dc, is_offline(cfg.offline))
         return rows, m.max_length or dc.max_length
     path = Path(str(data)).expanduser()
@@ -176,13 +177,13 @@ def tokenizer_dir(inputs) -> Path:
     return Path(next((p for p in inputs.adapters if has_tokenizer(p)), inputs.base))
 
 
-def check(cfg) -> None:
+def check(cfg, resolve) -> None:
     from polyft.config import _check_lorahub
     from polyft.data.formatting import check_chat_template
     from polyft.runs import config_hash, read_manifest
 
     _check_lorahub(cfg.merge)
-    inputs = resolve_inputs(cfg)
+    inputs = resolve_inputs(cfg, resolve)
     few_shot_rows(cfg)
     check_chat_template(tokenizer_dir(inputs), cfg.model.chat_template)
     from nevergrad.optimization import registry
@@ -195,20 +196,19 @@ def check(cfg) -> None:
         target = Path(cfg.output_dir).resolve()
         manifest = read_manifest(target) if target.is_dir() else None
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and \
-                (not manifest or manifest.get("hash") != config_hash(product_key(cfg))):
+                (not manifest or manifest.get("hash") != config_hash(product_key(cfg, resolve))):
             raise PolyftError(f"output_dir={target} exists and holds something else; remove it or "
                               "choose another path")
 
 
-def product_key(cfg) -> dict:
+def product_key(cfg, resolve) -> dict:
     """Search parameters, the inputs' identity and the few-shot rows' content."""
     from importlib.metadata import version
 
-    from polyft.merge.command import fingerprint
-    from polyft.runs import config_hash
+    from polyft.runs import config_hash, fingerprint
 
     m = cfg.merge
-    inputs = resolve_inputs(cfg)
+    inputs = resolve_inputs(cfg, resolve)
     rows, max_length = few_shot_rows(cfg)
     params = {k: m[k] for k in ("method", "budget", "l1", "seed", "optimizer", "batch_size")}
     params.update(bounds=[float(b) for b in m.bounds], max_length=max_length, nevergrad=version("nevergrad"))
@@ -350,7 +350,7 @@ def search(loss_fn, n: int, budget: int, bounds: tuple[float, float], l1: float,
     return {"best": best, "trajectory": trajectory}
 
 
-def build(cfg, out_dir: Path) -> dict:
+def build(cfg, out_dir: Path, resolve) -> dict:
     """Search the weights on the few-shot rows, then write the composed LoRA into out_dir."""
     import torch
 
@@ -358,7 +358,7 @@ def build(cfg, out_dir: Path) -> dict:
     from polyft.models.load import load_tokenizer
 
     m = cfg.merge
-    inputs = resolve_inputs(cfg)
+    inputs = resolve_inputs(cfg, resolve)
     rows, max_length = few_shot_rows(cfg)
     adapters = [read_lora(p, k) for p, k in zip(inputs.adapters, inputs.keys)]
     torch.manual_seed(m.seed)

@@ -1,0 +1,175 @@
+"""Where configs come from, and composing one run's config from them.
+
+The search path is polyft's own conf/ (shipped in the package), then the user's config
+directories, in this order of the command line:
+    --config-dir DIR (-cd DIR)         a directory with group subdirectories (data/, exp/, ...)
+    ./conf                             of the working directory, when it has one
+    hydra.searchpath=[file://DIR,...]  Hydra's own key (Hydra adds these itself)
+A user's option may not take the name of a shipped one (it would be shadowed, silently).
+
+Composition goes through Hydra's config loader once per run point, with the hydra node, so
+that the config that is validated is the config that runs. Uses hydra._internal (pinned
+hydra-core 1.3.8): the public compose API takes one config directory only.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from polyft.config import CONF_DIR
+from polyft.errors import PolyftError
+
+GROUPS = ("model", "adapter", "quant", "data", "train", "logger", "merge", "eval", "exp")
+_HYDRAS: dict = {}
+
+
+def user_config_dirs(config_dir: str | None, overrides: list[str], cwd: Path | None = None) -> list[Path]:
+    """The user's config directories, checked: each exists, and no option of theirs takes
+    the name of a shipped one."""
+    dirs = []
+    if config_dir is not None:
+        d = Path(config_dir).expanduser().resolve()
+        if not d.is_dir():
+            raise PolyftError(f"--config-dir {config_dir}: no such directory")
+        dirs.append(d)
+    local = (cwd or Path.cwd()) / "conf"
+    if local.is_dir() and local.resolve() != CONF_DIR and local.resolve() not in dirs:
+        dirs.append(local.resolve())
+    for entry in searchpath_entries(overrides):
+        if entry.startswith("pkg://"):
+            continue
+        d = Path(entry.removeprefix("file://")).expanduser().resolve()
+        if not d.is_dir():
+            raise PolyftError(f"hydra.searchpath: {entry}: no such directory")
+        if d != CONF_DIR and d not in dirs:
+            dirs.append(d)
+    for d in dirs:
+        for group in GROUPS:
+            for f in sorted((d / group).glob("*.yaml")):
+                if (CONF_DIR / group / f.name).is_file():
+                    raise PolyftError(f"{f}: {group}={f.stem} is an option polyft ships; give yours another name")
+    return dirs
+
+
+def with_dirs(overrides: list[str], dirs: list[Path]) -> list[str]:
+    """The overrides with the user's directories as `config_dirs` (recorded with the run, and
+    where experiments look up an expert's group options); hydra.searchpath keeps only pkg://
+    entries, as the file ones are on the search path already."""
+    out = []
+    for o in overrides:
+        if o.lstrip("+~").partition("=")[0] == "hydra.searchpath":
+            pkgs = [e for e in searchpath_entries([o]) if e.startswith("pkg://")]
+            if pkgs:
+                out.append(f"hydra.searchpath=[{','.join(pkgs)}]")
+        else:
+            out.append(o)
+    if dirs:
+        quoted = ",".join("'" + str(d).replace("\\", "\\\\").replace("'", "\\'") + "'" for d in dirs)
+        out.append(f"config_dirs=[{quoted}]")
+    return out
+
+
+def searchpath_entries(overrides: list[str]) -> list[str]:
+    """The entries of a hydra.searchpath=[...] override, as written."""
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "hydra.searchpath":
+            return [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
+    return []
+
+
+def hydra_app(command: str, dirs: list[Path]):
+    """Hydra's application object for this search path (made once per process)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    key = (command, tuple(dirs))
+    if key not in _HYDRAS:
+        from hydra._internal.hydra import Hydra
+        from hydra._internal.utils import create_config_search_path
+        from hydra.core.config_search_path import SearchPathQuery
+
+        from polyft.config import register_configs
+
+        register_configs()
+        search_path = create_config_search_path(f"file://{CONF_DIR}")
+        for d in dirs:  # after the package's conf, before the schema: where Hydra puts --config-dir
+            search_path.prepend("polyft-user", f"file://{d}", anchor=SearchPathQuery(provider="schema"))
+        GlobalHydra.instance().clear()
+        _HYDRAS[key] = Hydra.create_main_hydra2(task_name=f"polyft-{command}", config_search_path=search_path)
+    GlobalHydra.instance().clear()  # one application per process in Hydra: make this one current
+    GlobalHydra.instance().initialize(_HYDRAS[key])
+    return _HYDRAS[key]
+
+
+def compose(command: str, overrides: list[str], with_hydra: bool = False, dirs: list[Path] | None = None,
+            multirun: bool = False):
+    """The config of one run point as Hydra composes it for running it (hydra.* overrides
+    included); `with_hydra` keeps the hydra node (run dir, launcher, callbacks)."""
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    app = hydra_app(command, list(dirs) if dirs is not None else user_config_dirs(None, overrides))
+    cfg = app.compose_config("config", [f"command={command}", *overrides],
+                             run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN,
+                             with_log_configuration=False)
+    if not with_hydra:
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
+
+
+def searched(dirs: list[Path]) -> str:
+    return ", ".join(str(d) for d in [CONF_DIR, *dirs])
+
+
+def schema_keys(dotted: str) -> list[str] | None:
+    """Allowed keys under a config path such as 'adapter', from the dataclass schemas."""
+    import dataclasses
+
+    from polyft.config import RootConfig
+
+    node = RootConfig
+    for part in [p for p in dotted.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields or fields[part].default_factory is dataclasses.MISSING:
+            return None
+        value = fields[part].default_factory()
+        if not dataclasses.is_dataclass(value):
+            return None
+        node = type(value)
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def explain(exc: BaseException, dirs: list[Path] | None = None) -> str:
+    """Turn a Hydra/OmegaConf composition error into one line naming the key."""
+    text = str(exc)
+    cause = exc.__cause__
+    while cause is not None:  # Hydra wraps the OmegaConf error that names the key
+        text += "\n" + str(cause)
+        cause = cause.__cause__
+    where = f"; searched: {searched(dirs or [])}"
+    m = re.search(r"Could not find '([^']+)/([^']+)'.*?Available options in '[^']+':(.*?)(Config search path|$)",
+                  text, re.S)
+    if m:
+        group, option, avail = m.group(1), m.group(2), m.group(3).split()
+        return f"{group}={option}: no such option; available: {', '.join(avail) or '(none)'}{where}"
+    m = re.search(r"Could not find '([^']+)'", text)
+    if m:
+        return f"{m.group(1)}: no such config group or option{where}"
+    m = re.search(r"Could not (?:override|append to config\.) '?([\w.]+)'?", text) or \
+        re.search(r"Key '([^']+)' not in", text)
+    if m:
+        key = m.group(1)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = schema_keys(parent)
+        if allowed:
+            return f"{key}: unknown key; allowed keys under {parent or 'the root'}: {', '.join(allowed)}"
+        return f"{key}: not in the config; to add a new entry to a mapping use +{key}=VALUE"
+    m = re.search(r"Value '([^']*)' (?:of type '[^']+' )?(?:could not be converted to|is not a valid value for) (\w+)",
+                  text)
+    k = re.search(r"full_key: (\S+)", text)
+    if m and k:
+        return f"{k.group(1)}={m.group(1)}: expected {m.group(2).lower()}"
+    first = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return first[:400]
