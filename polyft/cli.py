@@ -200,7 +200,7 @@ def plan_command(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from polyft.compose import compose, explain, user_config_dirs, with_dirs
+    from polyft.compose import compose, explain, source_overrides, user_config_dirs, with_dirs
     from polyft.experiment import validate_run
     from polyft.plan import USAGE, estimates, table
 
@@ -212,7 +212,7 @@ def plan_command(args: list[str]) -> int:
     multirun = "-m" in flags or "--multirun" in flags
     rows, gpus, first = [], None, None
     dirs = user_config_dirs(config_dir_flag(flags), overrides)
-    overrides = with_dirs(overrides, dirs)
+    overrides = source_overrides(with_dirs(overrides, dirs))
     try:
         points = sweep_points(overrides, multirun)
         for n, point in enumerate(points):
@@ -249,13 +249,13 @@ def main(argv: list[str] | None = None) -> int:
             return plan_command(rest)
         except PolyftError as exc:
             fail(str(exc))
-    from polyft.compose import user_config_dirs, with_dirs
+    from polyft.compose import source_overrides, user_config_dirs, with_dirs
 
     overrides, flags = split_args(rest)
     multirun = "-m" in flags or "--multirun" in flags
     try:
         dirs = user_config_dirs(config_dir_flag(flags), overrides)
-        overrides = with_dirs(overrides, dirs)
+        overrides = source_overrides(with_dirs(overrides, dirs))
         printing = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
         if printing & set(flags):
             if not {"--help", "-h", "--hydra-help"} & set(flags):

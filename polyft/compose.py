@@ -70,6 +70,39 @@ def with_dirs(overrides: list[str], dirs: list[Path]) -> list[str]:
     return out
 
 
+_SOURCE = re.compile(r"^\+{0,2}data\.sources\.([A-Za-z_][\w-]*)=\s*(\{.*)$", re.S)
+
+
+def source_overrides(overrides: list[str]) -> list[str]:
+    """`data.sources.NAME={type: jsonl, path: ...}` (with or without +) adds source NAME, or
+    replaces it as a whole. Hydra cannot assign a new mapping to one entry of a mapping of
+    dataclasses, but it can merge one into the mapping: so the override becomes three that
+    make NAME exist, delete it and add it fresh, and the result is the same either way."""
+    from polyft.config import SourceConfig
+
+    out = []
+    for o in overrides:
+        m = _SOURCE.match(o)
+        if not m:
+            out.append(o)
+            continue
+        name, value = m.groups()
+        try:
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            parsed = OverridesParser.create().parse_override(f"x={value}").value()
+        except Exception:  # not a mapping Hydra can read: let Hydra's own message name it
+            out.append(o)
+            continue
+        allowed = list(SourceConfig.__dataclass_fields__)
+        unknown = [k for k in parsed if k not in allowed] if isinstance(parsed, dict) else []
+        if unknown:
+            raise PolyftError(f"data.sources.{name}.{unknown[0]}: unknown key; allowed keys of a source: "
+                              f"{', '.join(allowed)}")
+        out += [f"+data.sources={{{name}: {{}}}}", f"~data.sources.{name}", f"+data.sources={{{name}: {value}}}"]
+    return out
+
+
 def searchpath_entries(overrides: list[str]) -> list[str]:
     """The entries of a hydra.searchpath=[...] override, as written."""
     for o in overrides:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def polyft_cfg(root: Path, steps: int, extra: list[str]):
-    from polyft.cli import compose
+    from polyft.compose import compose
 
     return compose("train", [f"output_root={root}", "logger=none", f"train.max_steps={steps}",
                              f"train.save_steps={steps * 10}", *extra])

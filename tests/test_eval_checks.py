@@ -99,7 +99,7 @@ def test_suites_name_their_tasks_and_languages():
     """Every shipped suite resolves against lm-eval's task files; no tag, every task a language."""
     from omegaconf import OmegaConf
 
-    from polyft.cli import compose
+    from polyft.compose import compose
     from polyft.config import validate
     from polyft.eval.specs import resolve_tasks
 

@@ -123,7 +123,7 @@ def test_bad_gguf_input_is_refused_before_anything_is_written(cli, tmp_path, not
 
 
 def test_model_path_on_a_tiny_preset_is_used_or_refused(cli, tiny_mistral_dir, tiny_gguf, tiny_gguf_dir):
-    from polyft.cli import compose
+    from polyft.compose import compose
     from polyft.train import plan
 
     assert_refused(cli, "train", "model.path=/does/not/exist", words=["model.path=/does/not/exist"])

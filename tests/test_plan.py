@@ -130,7 +130,7 @@ def measured_peak(cfg, model_path: str, steps: int = 2) -> float:
 
 
 def _compare(model_dir, overrides: list[str]):
-    from polyft.cli import compose
+    from polyft.compose import compose
     from polyft.plan import estimate
 
     cfg = compose("plan", ["plan.device=cpu", f"model.path={model_dir}", *overrides])

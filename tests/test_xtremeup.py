@@ -90,7 +90,7 @@ def test_reader_rows_prompts_and_features(release):
 def test_mixture_rows_carry_lang_and_task(release):
     from omegaconf import OmegaConf
 
-    from polyft.cli import compose
+    from polyft.compose import compose
     from polyft.config import validate
     from polyft.data.mixture import load_mixture
 
@@ -223,7 +223,7 @@ def test_eval_suite_scores_every_task_and_language(cli, release, tiny_llama_dir)
 def test_specs_carry_lang_and_task_feature():
     from omegaconf import OmegaConf
 
-    from polyft.cli import compose
+    from polyft.compose import compose
     from polyft.eval.specs import resolve_tasks
 
     cfg = compose("eval", ["eval=xtremeup", "eval.langs=[sw]"])
