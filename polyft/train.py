@@ -273,7 +273,7 @@ def sft_config(cfg, work_dir: Path, run_dir: Path, distributed: bool):
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, optim=t.optimizer,
         max_grad_norm=t.max_grad_norm, save_steps=t.save_steps, save_strategy="steps",
         logging_steps=t.logging_steps,
-        gradient_checkpointing=t.gradient_checkpointing, bf16=bf16, fp16=fp16,
+        activation_checkpointing=t.gradient_checkpointing, bf16=bf16, fp16=fp16,
         seed=cfg.seed, data_seed=cfg.seed, report_to=_report_to(cfg, run_dir),
         max_length=cfg.data.max_length, packing=cfg.data.packing, completion_only_loss=True,
         dataset_num_proc=None, use_cpu=not torch.cuda.is_available(),
