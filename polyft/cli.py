@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from polyft import console
 from polyft.config import COMMANDS, RootConfig, register_configs, to_container, validate
 from polyft.errors import PolyftError
 
@@ -45,6 +46,7 @@ PREFLIGHT_POINTS = 256
 
 
 def fail(message: str) -> None:
+    console.stop()
     print(f"polyft: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -202,16 +204,17 @@ def run_command(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     handler = handler_for(cfg)
     record = RunRecord(run_dir, cfg.command, to_container(cfg), seed=cfg.seed)
-    try:
-        validate(cfg)
-        handler.command(cfg, record)
-    except PolyftError as exc:
-        record.finish("failed", str(exc))
-        fail(str(exc))
-    except BaseException as exc:
-        record.finish("failed", f"{type(exc).__name__}: {exc}")
-        raise
-    record.finish("ok")
+    with console.job(run_dir, cfg, record):
+        try:
+            validate(cfg)
+            handler.command(cfg, record)
+        except PolyftError as exc:
+            record.finish("failed", str(exc))
+            fail(str(exc))
+        except BaseException as exc:
+            record.finish("failed", f"{type(exc).__name__}: {exc}")
+            raise
+        record.finish("ok")
 
 
 def plan_command(args: list[str]) -> int:
@@ -267,12 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             fail(str(exc))
     wants_help = any(a in ("--help", "-h", "--hydra-help") for a in rest)
     if not wants_help:
+        console.start(rest)
         try:
             preflight(command, rest, files=not any(a in ("--cfg", "-c", "--info", "-i") for a in rest))
         except PolyftError as exc:
             fail(str(exc))
     import hydra
 
+    console.pause()
     register_configs()
     # Hydra's parser wants its flags before the overrides.
     overrides, flags = split_args(rest)

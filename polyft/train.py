@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from polyft import console
 from polyft.errors import ConfigError, PolyftError
 from polyft.models.load import (builds_tiny, check_model_dir, is_offline, looks_like_hub_id,
                                 resolve_model_path, safetensors_names)
@@ -347,7 +348,7 @@ def flix_trainer(model, args, dataset, tokenizer):
         model._hf_peft_config_loaded = True
     try:
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          data_collator=collator)
+                          data_collator=collator, callbacks=[console.train_bar()])
     finally:
         if quantised:
             model._hf_peft_config_loaded = False
@@ -406,7 +407,8 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
         trainer = flix_trainer(model, args, dataset, tokenizer)
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
-                             processing_class=tokenizer, peft_config=peft_config)
+                             processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=[console.train_bar()])
     resume = last_checkpoint(work_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
@@ -475,8 +477,9 @@ def train_one(cfg, record) -> None:
         found = existing_product(p)
         if found is not None:
             record.add_artifact(p.kind, found, reused=True, name=p.name)
-            print(f"polyft: {p.kind} {p.name} already trained: {found}")
+            console.echo(f"polyft: {p.kind} {p.name} already trained: {found}")
             return
+        since = console.started(f"training {p.kind} {p.name}")
         if cfg.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
             summary = relaunch(cfg, record.run_dir)
         else:
@@ -490,7 +493,7 @@ def train_one(cfg, record) -> None:
     else:  # one of an experiment's experts
         record.extra.setdefault("trained", {})[p.name] = {**summary, "history": history}
     record.add_artifact(p.kind, summary["artifact"], reused=False, name=p.name)
-    print(f"polyft: {p.kind} {p.name} written to {summary['artifact']}")
+    console.done(since, f"{p.kind} {p.name} written to {summary['artifact']}")
 
 
 def _worker(conf_file: str, result_file: str) -> None:
