@@ -194,10 +194,22 @@ def train_bar():
     return TrainBar()
 
 
-def summary(cfg) -> list[str]:
+def _point() -> str | None:
+    """`#N overrides` of a sweep point (None outside a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = HydraConfig.get().job
+    task = [o for o in HydraConfig.get().overrides.task if not o.startswith("command=")]
+    return f"#{job.num} {' '.join(task)}".strip()
+
+
+def summary(cfg, point: str | None = None) -> list[str]:
     """The composed config in a few lines: what this command is about to do."""
     c = cfg.command
-    head = [f"polyft {c}"]
+    head = [f"polyft {c}"] + ([f"point {point}"] if point else [])
     if cfg.get("exp_name"):
         head.append(f"exp={cfg.exp_name}")
     head.append(f"seed={cfg.seed}")
@@ -231,7 +243,7 @@ def job(run_dir: Path, cfg, record=None):
     _open(Path(run_dir) / LOG_NAME)
     if record is not None:
         record.extra["log"] = LOG_NAME
-    for line in summary(cfg):
+    for line in summary(cfg, _point()):
         echo(line)
     try:
         yield
@@ -241,6 +253,7 @@ def job(run_dir: Path, cfg, record=None):
             import traceback
 
             traceback.print_exc()  # into the log; Hydra prints it on the terminal afterwards
+            echo(f"polyft: failed; the log is {Path(run_dir) / LOG_NAME}", err=True)
         raise
     finally:
         _close()
