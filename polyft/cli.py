@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from polyft import console
 from polyft.errors import PolyftError
 
 HANDLERS = {
@@ -42,6 +43,7 @@ PREFLIGHT_POINTS = 256
 
 
 def fail(message: str) -> None:
+    console.stop()
     print(f"polyft: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -182,16 +184,17 @@ def run_command(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     handler = handler_for(cfg)
     record = RunRecord(run_dir, cfg.command, to_container(cfg), seed=cfg.seed)
-    try:
-        validate(cfg)  # the experiment's structure was checked by preflight, before any directory
-        handler.command(cfg, record)
-    except PolyftError as exc:
-        record.finish("failed", str(exc))
-        fail(str(exc))
-    except BaseException as exc:
-        record.finish("failed", f"{type(exc).__name__}: {exc}")
-        raise
-    record.finish("ok")
+    with console.job(run_dir, cfg, record):
+        try:
+            validate(cfg)  # the experiment's structure was checked by preflight, before any directory
+            handler.command(cfg, record)
+        except PolyftError as exc:
+            record.finish("failed", str(exc))
+            fail(str(exc))
+        except BaseException as exc:
+            record.finish("failed", f"{type(exc).__name__}: {exc}")
+            raise
+        record.finish("ok")
 
 
 def plan_command(args: list[str]) -> int:
@@ -253,12 +256,15 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides, flags = split_args(rest)
     multirun = "-m" in flags or "--multirun" in flags
+    helping = bool({"--help", "-h", "--hydra-help"} & set(flags))
+    if not helping:
+        console.start(rest)
     try:
         dirs = user_config_dirs(config_dir_flag(flags), overrides)
         overrides = source_overrides(with_dirs(overrides, dirs))
         printing = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
         if printing & set(flags):
-            if not {"--help", "-h", "--hydra-help"} & set(flags):
+            if not helping:
                 preflight(command, overrides, dirs, multirun=False, files=False)
             return hydra_main(command, overrides, flags, dirs)
         configs = preflight(command, overrides, dirs, multirun)
@@ -267,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     from polyft.compose import hydra_app
 
     if not multirun:
-        run_single(configs[0])
+        run_single(configs[0])  # the run's own console window (console.job) takes over preflight's
         return 0
+    console.pause()  # the launcher's jobs open their own windows
     app = hydra_app(command, dirs)  # Hydra's sweeper and launcher compose each point
     app.multirun(config_name="config", task_function=run_command, overrides=[f"command={command}", *overrides])
     return sweep_status()
@@ -283,6 +290,7 @@ def hydra_main(command: str, overrides: list[str], flags: list[str], dirs: list)
     from polyft.compose import CONF_DIR
     from polyft.config import register_configs
 
+    console.pause()
     register_configs()
     GlobalHydra.instance().clear()  # preflight's application; hydra.main makes its own
     flags = [f for i, f in enumerate(flags) if f not in ("--config-dir", "-cd")

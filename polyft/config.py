@@ -239,6 +239,7 @@ class RootConfig:
     offline: Optional[bool] = None  # null: offline when HF_HUB_OFFLINE=1 or the hub is unreachable
     allow_pickle: bool = False
     merge_back: bool = False
+    verbose: bool = False  # dependency logs and warnings on the console too (always in <run dir>/polyft.log)
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)

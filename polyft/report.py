@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polyft import console
 from polyft.errors import PolyftError
 
 # Resource levels as the multilingual PEFT and merging papers group them (by pretraining data).
@@ -324,7 +325,7 @@ def command(cfg, record) -> None:
     out = Path(cfg.report.out or Path(cfg.output_root) / "reports" / (cfg.exp_name or "latest"))
     merged = cfg.merge.name or "swap"
     summary = write_report(rows, out, cfg.report.metric, merged, _groups(cfg))
-    print(summary["markdown"])
+    console.echo(summary["markdown"])
     record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}
     record.add_artifact("report", out, reused=False)
 

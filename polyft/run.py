@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import open_dict
 
+from polyft import console
 from polyft.errors import PolyftError
 
 
@@ -86,5 +87,5 @@ def command(cfg, record) -> None:
     out = Path(record.run_dir) / "report"
     summary = report.write_report(rows, out, cfg.report.metric, cfg.merge.name or cfg.merge.method,
                                   report._groups(cfg))
-    print(summary["markdown"])
+    console.echo(summary["markdown"])
     record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from polyft import console
 from polyft.errors import ConfigError, MissingArtifactError, PolyftError
-from polyft.models.load import (builds_tiny, check_model_dir, is_offline, looks_like_hub_id,
+from polyft.models.load import (builds_tiny, check_model_dir, is_offline,
                                 resolve_model_path, safetensors_names)
 from polyft.runs import ArtifactStore, config_hash, read_manifest
 
@@ -247,7 +248,7 @@ def sft_config(cfg, work_dir: Path, run_dir: Path, distributed: bool):
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, optim=t.optimizer,
         max_grad_norm=t.max_grad_norm, save_steps=t.save_steps, save_strategy="steps",
         logging_steps=t.logging_steps,
-        gradient_checkpointing=t.gradient_checkpointing, bf16=bf16, fp16=fp16,
+        activation_checkpointing=t.gradient_checkpointing, bf16=bf16, fp16=fp16,
         seed=cfg.seed, data_seed=cfg.seed, report_to=_report_to(cfg, run_dir),
         max_length=cfg.data.max_length, packing=cfg.data.packing, completion_only_loss=True,
         dataset_num_proc=None, use_cpu=not torch.cuda.is_available(),
@@ -321,7 +322,7 @@ def flix_trainer(model, args, dataset, tokenizer):
         model._hf_peft_config_loaded = True
     try:
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          data_collator=collator)
+                          data_collator=collator, callbacks=[console.train_bar()])
     finally:
         if quantised:
             model._hf_peft_config_loaded = False
@@ -380,7 +381,8 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
         trainer = flix_trainer(model, args, dataset, tokenizer)
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
-                             processing_class=tokenizer, peft_config=peft_config)
+                             processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=[console.train_bar()])
     resume = last_checkpoint(work_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
@@ -449,8 +451,9 @@ def train_one(cfg, record) -> None:
         found = existing_product(p)
         if found is not None:
             record.add_artifact(p.kind, found, reused=True, name=p.name)
-            print(f"polyft: {p.kind} {p.name} already trained: {found}")
+            console.echo(f"polyft: {p.kind} {p.name} already trained: {found}")
             return
+        since = console.started(f"training {p.kind} {p.name}")
         if cfg.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
             summary = relaunch(cfg, record.run_dir)
         else:
@@ -464,7 +467,7 @@ def train_one(cfg, record) -> None:
     else:  # one of an experiment's experts
         record.extra.setdefault("trained", {})[p.name] = {**summary, "history": history}
     record.add_artifact(p.kind, summary["artifact"], reused=False, name=p.name)
-    print(f"polyft: {p.kind} {p.name} written to {summary['artifact']}")
+    console.done(since, f"{p.kind} {p.name} written to {summary['artifact']}")
 
 
 def _worker(conf_file: str, result_file: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_user_error
+from test_console import DEPENDENCY, assert_quiet_console, log_of
 
 # flix_xtremeup needs an XTREME-UP release on disk: tests/test_flix_cli.py composes it with one.
 EXPERIMENTS = sorted(p.stem for p in (REPO / "polyft" / "conf" / "exp").glob("*.yaml")
@@ -55,6 +56,15 @@ def test_demo_end_to_end_real_numbers_then_cached(cli):
     start = time.time()
     first = cli("run", "+exp=demo")
     assert first.returncode == 0, first.stderr[-4000:]
+    # the console: summary, a line per stage, the table, the records; the rest in the log
+    run_dir = sorted((cli.cwd / "outputs" / "runs" / "run").rglob("run.json"))[-1].parent
+    assert_quiet_console(first, run_dir)
+    for stage in ("training model math ...", "training model lang ...", "merging swap (layer_swap) ...",
+                  "evaluating base on demo ...", "evaluating ties on demo ..."):
+        assert f"polyft: {stage}" in first.stdout, first.stdout
+    assert re.search(r"^polyft: merge ties written to \S+ \(\d+\.\d s\)$", first.stdout, re.M)
+    log = log_of(run_dir)
+    assert "][lm_eval." in log and "][INFO] - " in log and DEPENDENCY.search(log)
     table = table_of(first.stdout)
     arith, words = rows_of(table, "demo_arith"), rows_of(table, "demo_words")
     assert set(arith) == {"base", "math", "lang", "swap", "soup", "ties"}, table

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from polyft import console
 from polyft.errors import MissingArtifactError, PolyftError
 from polyft.data.formatting import check_chat_template
 from polyft.eval.data import file_identity, is_hub_dataset, plan_data, write_demo_data
@@ -232,14 +233,15 @@ def command(cfg, record, show_rows: bool = True) -> None:
             if found is not None:
                 rows = [{**r, "model": m.ref} for r in read_rows(found / RESULTS_ROWS)]
                 record.add_artifact(KIND, found, reused=True, model=m.ref, suite=cfg.eval.suite)
-                print(f"polyft: eval of {m.ref} on {cfg.eval.suite} already done: {found}")
+                console.echo(f"polyft: eval of {m.ref} on {cfg.eval.suite} already done: {found}")
             else:
+                since = console.started(f"evaluating {m.ref} on {cfg.eval.suite}")
                 backend = backend or _models(cfg, p)  # nothing heavy is loaded when all results exist
                 found, rows = evaluate_model(cfg, p, m, backend)
                 record.add_artifact(KIND, found, reused=False, model=m.ref, suite=cfg.eval.suite)
-                print(f"polyft: eval of {m.ref} on {cfg.eval.suite} written to {found}")
+                console.done(since, f"eval of {m.ref} on {cfg.eval.suite} written to {found}")
         rows_by_ref[m.ref] = rows
     record.metrics["results"] = [r for ref in model_refs(cfg) for r in rows_by_ref[ref]]
     record.save()
     if show_rows:
-        print(format_rows(record.metrics["results"]))
+        console.echo(format_rows(record.metrics["results"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from polyft import console
 from polyft.errors import PolyftError
 
 
@@ -50,7 +51,7 @@ def evaluate(m, specs, out_dir: Path, score) -> tuple[dict, list[dict]]:
         fs = dict(key)
         wanted = {"task": group[0].task_feature, "lang": group[0].lang}
         for notice in resolve_feature_set(cfg, {t: v for t, v in wanted.items() if t in cfg.features})[1]:
-            print(f"polyft: notice: {m.ref}, {', '.join(s.name for s in group)}: {notice}")
+            console.echo(f"polyft: notice: {m.ref}, {', '.join(s.name for s in group)}: {notice}")
         d = out_dir / "composed" / "-".join(f"{t}={v}" for t, v in key)
         compose_to_peft(m.path, fs, d, base=m.base)
         results, group_rows = score(ModelRef(m.ref, str(d), "adapter", m.base), group)

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from polyft import console
 from polyft.errors import PolyftError
 
 # method name -> module defining check / product_key / build
@@ -141,11 +142,12 @@ def command(cfg, record, kind: str, resolve) -> None:
             found = store.find(kind, name, key)
         if found is not None:
             record.add_artifact(kind, found, reused=True)
-            print(f"polyft: merge {name} already built: {found}")
+            console.echo(f"polyft: merge {name} already built: {found}")
             return
+        since = console.started(f"merging {name} ({cfg.merge.method})")
         with store.build(kind, name, key, target=target) as build:
             result = module.build(cfg, build.dir, resolve)
             build.manifest.update(method=cfg.merge.method, product="adapter", **result.get("manifest", {}))
     record.metrics.update(result.get("metrics", {}))
     record.add_artifact(kind, build.dir, reused=False)
-    print(f"polyft: merge {name} written to {build.dir}")
+    console.done(since, f"merge {name} written to {build.dir}")

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from polyft import console
 from polyft.errors import ConfigError, MissingArtifactError, PolyftError
 from polyft.runs import ArtifactStore, config_hash, fingerprint, read_manifest
 
@@ -249,8 +250,9 @@ def command(cfg, record) -> None:
         found = _same_product(target, key) if target else store.find(KIND, name, key)
         if found is not None:
             record.add_artifact(KIND, found, reused=True)
-            print(f"polyft: merge {name} already built: {found}")
+            console.echo(f"polyft: merge {name} already built: {found}")
             return
+        since = console.started(f"merging {name} ({cfg.merge.method})")
         with store.build(KIND, name, key, target=target) as build:
             result = merge_models(merge_spec(cfg, inputs), build.dir)
             build.manifest.update(method=cfg.merge.method, inputs=[str(p) for p in inputs.models],
@@ -259,4 +261,4 @@ def command(cfg, record) -> None:
                           copied_tensors=result["copied_tensors"], bytes=result["bytes"],
                           **(result.get("diagnostics") or {}))
     record.add_artifact(KIND, build.dir, reused=False)
-    print(f"polyft: merge {name} written to {build.dir}")
+    console.done(since, f"merge {name} written to {build.dir}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from polyft import console
 from polyft.errors import PolyftError
 
 KEY = "merge.adapter"
@@ -72,7 +73,7 @@ def build(cfg, out_dir: Path, resolve) -> dict:
     directory = adapter_dir(cfg, resolve)
     fs, notices = feature_set(cfg, directory)
     for notice in notices:
-        print(f"polyft: notice: {notice}")
+        console.echo(f"polyft: notice: {notice}")
     rank = compose_to_peft(directory, fs, out_dir)
     copy_tokenizer(out_dir, directory)
     return {"manifest": {"source": str(directory), "features": fs, "rank": rank, "notices": notices},

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from polyft import console
 from polyft.errors import ConfigError, PolyftError
 
 KEY = "merge.adapters"
@@ -388,6 +389,6 @@ def build(cfg, out_dir: Path, resolve) -> dict:
     metrics = {"lorahub_weights": best["weights"], "lorahub_best_objective": best["objective"],
                "lorahub_best_loss": best["loss"], "lorahub_loss_trajectory": losses,
                "lorahub_seconds_per_candidate": seconds / m.budget}
-    print(f"polyft: lorahub weights {', '.join(f'{w:+.3f}' for w in best['weights'])} "
+    console.echo(f"polyft: lorahub weights {', '.join(f'{w:+.3f}' for w in best['weights'])} "
           f"(few-shot loss {losses[0]:.4f} at step 0 -> {best['loss']:.4f} at step {best['step']})")
     return {"manifest": manifest, "metrics": metrics}

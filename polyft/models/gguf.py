@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from polyft import console
 from polyft.errors import PolyftError
 
 MAGIC = b"GGUF"
@@ -210,7 +211,7 @@ def convert(path: Path, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     start = time.time()
-    print(f"polyft: converting {path} to a Hugging Face model (once; cached by content hash)", flush=True)
+    console.echo(f"polyft: converting {path} to a Hugging Face model (once; cached by content hash)")
     # dequantize=True: a plain dense float32 model even where a GGUF matmul kernel exists.
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32,

@@ -1,0 +1,259 @@
+"""The console: what a command prints, and where everything else goes.
+
+polyft's own lines (the config summary, one line per stage, tables, where the records are)
+go to the terminal. Everything else written to stdout/stderr while a command works (the
+logs and progress bars of transformers, datasets, lm-eval, peft, trl, bitsandbytes, Hydra's
+job logging, Python warnings, subprocesses such as torchrun or git) goes to the run's log
+file, `<run dir>/polyft.log`; with `verbose=true` it goes to the terminal as well.
+
+The capture works on file descriptors 1 and 2, not on `sys.stdout`: libraries keep
+references to the streams they found at import and child processes inherit descriptors, so
+only the descriptors catch all of it. While a window is open, fds 1 and 2 are a pipe that a
+thread copies into the log file (into memory before the run directory exists, i.e. during
+preflight); polyft's own output uses duplicates of the original descriptors. Windows are
+open during preflight and during each run (Hydra's task function), and closed in between,
+so the processes a launcher starts (joblib) inherit the real terminal and open their own
+window around their own run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+LOG_NAME = "polyft.log"
+_VERBOSE_ARG = re.compile(r"^\+{0,2}verbose=(true|yes|on|1)$", re.IGNORECASE)
+
+_out = None  # polyft's stdout and stderr: duplicates of the descriptors the process started with
+_err = None
+_window = None  # the open capture window, if any
+_pending = bytearray()  # what was captured before a run directory existed
+_verbose = False
+
+
+def _streams():
+    global _out, _err
+    if _out is None:
+        for s in (sys.stdout, sys.stderr):
+            s.flush()
+        _out = open(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+        _err = open(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    return _out, _err
+
+
+class _Window:
+    """fds 1 and 2 go into a pipe; a thread copies what arrives to the log (or memory)."""
+
+    def __init__(self, log: Path | None):
+        self.lock = threading.Lock()
+        self.log = open(log, "ab") if log else None
+        if self.log:
+            self.log.write(bytes(_pending))
+            _pending.clear()
+        for s in (sys.stdout, sys.stderr):
+            s.flush()
+        read, write = os.pipe()
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        os.close(write)
+        self.thread = threading.Thread(target=self._pump, args=(read,), name="polyft-console", daemon=True)
+        self.thread.start()
+
+    def _pump(self, read: int) -> None:
+        while data := os.read(read, 1 << 16):
+            with self.lock:
+                if self.log:
+                    self.log.write(data)
+                    self.log.flush()
+                else:
+                    _pending.extend(data)
+            if _verbose:
+                _err.flush()
+                os.write(_err.fileno(), data)
+        os.close(read)
+
+    def note(self, text: str) -> None:
+        """A line of polyft's own into the log too, so the log reads as the whole story."""
+        with self.lock:
+            if self.log:
+                self.log.write(text.encode("utf-8", "replace"))
+                self.log.flush()
+            else:
+                _pending.extend(text.encode("utf-8", "replace"))
+
+    def close(self) -> None:
+        for s in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                s.flush()
+        # Back to the original descriptors: the pipe's last write end in this process closes,
+        # and the thread drains what is left and ends (a child still holding it is not waited for).
+        os.dup2(_out.fileno(), 1)
+        os.dup2(_err.fileno(), 2)
+        self.thread.join(timeout=5)
+        if self.log:
+            with self.lock:
+                self.log.close()
+                self.log = None
+
+
+def _open(log: Path | None) -> None:
+    global _window
+    _streams()
+    if _window is None:
+        _window = _Window(log)
+
+
+def _close() -> None:
+    global _window
+    if _window is not None:
+        window, _window = _window, None
+        window.close()
+
+
+def _excepthook(kind, value, tb):
+    stop()  # a traceback of a real bug reaches the terminal
+    sys.__excepthook__(kind, value, tb)
+
+
+def start(args: list[str]) -> None:
+    """Capture from the start of a command (before preflight imports anything heavy)."""
+    global _verbose
+    _verbose = any(_VERBOSE_ARG.match(a) for a in args)
+    if not _verbose:
+        # Dependencies' progress bars would only fill the log with carriage returns;
+        # polyft's own bars (progress()) ask for themselves.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    sys.excepthook = _excepthook
+    _open(None)
+
+
+def pause() -> None:
+    """Before the launcher starts its jobs: the terminal is theirs to inherit."""
+    _close()
+
+
+def stop() -> None:
+    """End the capture (before a user error is printed, at exit); nothing captured is shown."""
+    _close()
+    _pending.clear()
+
+
+def echo(text: str = "", err: bool = False) -> None:
+    """A line (or block) of polyft's own to the terminal, and into the run's log."""
+    out, errs = _streams()
+    stream = errs if err else out
+    print(text, file=stream, flush=True)
+    if _window is not None:
+        _window.note(text + "\n")
+
+
+def started(what: str) -> float:
+    echo(f"polyft: {what} ...")
+    return time.time()
+
+
+def done(since: float, what: str) -> None:
+    echo(f"polyft: {what} ({time.time() - since:.1f} s)")
+
+
+def progress(total: int, desc: str, unit: str = "it"):
+    """One bar for one piece of long work, on the terminal's stderr; shown only on a terminal
+    and removed when done (the stage's done line follows)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"polyft: {desc}", unit=unit, file=_streams()[1], leave=False,
+                disable=None, dynamic_ncols=True)
+
+
+def train_bar():
+    """A transformers TrainerCallback drawing progress() over the training steps."""
+    from transformers import TrainerCallback
+
+    class TrainBar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = progress(state.max_steps, "training", unit="step")
+            self.bar.update(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return TrainBar()
+
+
+def _point() -> str | None:
+    """`#N overrides` of a sweep point (None outside a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = HydraConfig.get().job
+    task = [o for o in HydraConfig.get().overrides.task if not o.startswith("command=")]
+    return f"#{job.num} {' '.join(task)}".strip()
+
+
+def summary(cfg, point: str | None = None) -> list[str]:
+    """The composed config in a few lines: what this command is about to do."""
+    c = cfg.command
+    head = [f"polyft {c}"] + ([f"point {point}"] if point else [])
+    if cfg.get("exp_name"):
+        head.append(f"exp={cfg.exp_name}")
+    head.append(f"seed={cfg.seed}")
+    lines = [" ".join(head)]
+    if c in ("train", "run", "eval", "plan") or (c == "merge" and cfg.get("experts")):
+        adapter = cfg.adapter.type + (f" r={cfg.adapter.r}" if cfg.adapter.type != "full" else "")
+        lines.append(f"  model {cfg.model.name}, adapter {adapter}, quant {cfg.quant.name}")
+    experts = cfg.get("experts") or {}
+    if c in ("train", "run") and experts:
+        names = [cfg.expert] if cfg.get("expert") else list(experts)
+        lines.append(f"  experts {', '.join(names)} (data and train settings per expert)")
+    elif c == "train":
+        steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else f"{cfg.train.epochs} epochs"
+        lines.append(f"  data {cfg.data.name}, train {cfg.train.name}: {steps}, lr {cfg.train.lr}, "
+                     f"batch {cfg.train.batch_size}")
+    if c in ("merge", "run"):
+        merges = [cfg.merge.name or cfg.merge.method] + list(cfg.get("baselines") or {})
+        lines.append(f"  merge {cfg.merge.method}" + (f" (+ {', '.join(merges[1:])})" if merges[1:] else ""))
+    if c in ("eval", "run"):
+        lines.append(f"  eval {cfg.eval.suite}")
+    return lines
+
+
+@contextlib.contextmanager
+def job(run_dir: Path, cfg, record=None):
+    """One run: its log file (with what preflight captured), the summary first, where the
+    records are last."""
+    global _verbose
+    _verbose = _verbose or bool(cfg.get("verbose", False))
+    _close()
+    _open(Path(run_dir) / LOG_NAME)
+    if record is not None:
+        record.extra["log"] = LOG_NAME
+    for line in summary(cfg, _point()):
+        echo(line)
+    try:
+        yield
+        echo(f"polyft: records in {run_dir}: run.json, {LOG_NAME}")
+    except BaseException as exc:
+        if not isinstance(exc, SystemExit):
+            import traceback
+
+            traceback.print_exc()  # into the log; Hydra prints it on the terminal afterwards
+            echo(f"polyft: failed; the log is {Path(run_dir) / LOG_NAME}", err=True)
+        raise
+    finally:
+        _close()

@@ -1,0 +1,95 @@
+"""The console: polyft's own lines on the terminal, dependency output in <run dir>/polyft.log.
+
+The demo's console is checked in tests/test_run.py (test_demo_end_to_end...) with
+assert_quiet_console below, on the demo run that test makes anyway."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# What dependencies print: logging lines with a level, Python warnings, progress bars,
+# the trainer's loss dicts, bitsandbytes' kernel warning, a subprocess's git message.
+DEPENDENCY = re.compile(r"\]\[(INFO|WARNING|DEBUG)\]|Warning:|it/s\]|examples/s\]|\{'loss'|\{'train_runtime'"
+                        r"|bitsandbytes|kernels-community|fatal: not a git|Running loglikelihood")
+QUICK_TRAIN = ("train", "train.max_steps=2", "train.logging_steps=1", "logger=none")
+
+
+def console_of(proc) -> str:
+    return proc.stdout + proc.stderr
+
+
+def log_of(record_dir: Path) -> str:
+    return (record_dir / "polyft.log").read_text(errors="replace")
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted((f.parent for f in root.rglob("run.json")), key=lambda d: d.stat().st_mtime)
+
+
+def assert_quiet_console(proc, run_dir: Path, max_lines: int = 60) -> None:
+    """Few lines, none of them a dependency's; the dependencies' lines are in the run's log."""
+    text = console_of(proc)
+    lines = text.splitlines()
+    assert len(lines) < max_lines, text
+    noisy = [line for line in lines if DEPENDENCY.search(line)]
+    assert not noisy, noisy
+    assert f"polyft: records in {run_dir}" in text, text
+    assert json.loads((run_dir / "run.json").read_text())["log"] == "polyft.log"
+
+
+def test_train_console_is_quiet_and_verbose_brings_the_logs_back(cli, tiny_llama_dir):
+    quiet = cli(*QUICK_TRAIN)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    run_dir = run_dirs(cli.cwd / "outputs" / "runs")[-1]
+    assert_quiet_console(quiet, run_dir, max_lines=8)
+    out = quiet.stdout
+    assert "polyft train seed=0" in out and "train demo: 2 steps" in out, out
+    assert re.search(r"^polyft: training adapter tiny-llama-lora \.\.\.$", out, re.M), out
+    assert re.search(r"^polyft: adapter tiny-llama-lora written to \S+ \(\d+\.\d s\)$", out, re.M), out
+    log = log_of(run_dir)
+    assert "{'loss'" in log and "{'train_runtime'" in log  # the trainer's lines went to the log
+    assert "polyft: training adapter tiny-llama-lora ..." in log  # polyft's own lines too, in order
+    # polyft passes TrainingArguments activation_checkpointing (config key train.gradient_checkpointing)
+    assert "`gradient_checkpointing` is deprecated" not in log
+
+    # verbose=true: the same dependency lines on the console, and still in the log
+    loud = cli(*QUICK_TRAIN, "seed=1", "verbose=true")
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    run_dir = run_dirs(cli.cwd / "outputs" / "runs")[-1]
+    text = console_of(loud)
+    assert "{'loss'" in text and "{'train_runtime'" in text, text[-3000:]
+    assert "{'loss'" in log_of(run_dir)
+    assert f"polyft: records in {run_dir}" in text
+
+
+def test_multirun_points_each_log_into_their_own_run_dir(cli, tiny_llama_dir):
+    sweep = cli.cwd / "sweep"
+    proc = cli(*QUICK_TRAIN, "-m", "train.max_steps=1,2", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = console_of(proc)
+    assert not [line for line in text.splitlines() if DEPENDENCY.search(line)], text
+    assert "point #0 train.max_steps=1" in text and "point #1 train.max_steps=2" in text, text
+    for point, steps in ((0, 1), (1, 2)):
+        assert f"polyft: records in {sweep / str(point)}" in text
+        log = log_of(sweep / str(point))
+        assert log.count("{'loss'") == steps, log  # logging_steps=1: one loss line per step, this point's
+    assert len(text.splitlines()) < 16, text
+
+
+def test_a_real_bug_still_shows_its_traceback(cli):
+    """Not a user error: the traceback reaches stderr, and the log holds it too."""
+    code = ("import sys, polyft.train as t\n"
+            "def broken(cfg, record):\n    raise RuntimeError('a real bug')\n"
+            "t.command = broken\n"
+            "from polyft.cli import main\n"
+            "sys.exit(main(['train', 'logger=none']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cli.cwd, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "RuntimeError: a real bug" in proc.stderr, proc.stderr
+    run_dir = run_dirs(cli.cwd / "outputs" / "runs")[-1]
+    assert f"the log is {run_dir / 'polyft.log'}" in proc.stderr
+    assert "RuntimeError: a real bug" in log_of(run_dir)
