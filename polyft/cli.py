@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     console.pause()  # the launcher's jobs open their own windows
     app = hydra_app(command, dirs)  # Hydra's sweeper and launcher compose each point
-    app.multirun(config_name="config", task_function=run_command, overrides=[f"command={command}", *overrides])
+    app.multirun(config_name="config", task_function=run_command,
+                 overrides=[f"command={command}", *overrides, "hydra.mode=MULTIRUN"])
     return sweep_status()
 
 
