@@ -99,11 +99,11 @@ def check_launcher(cfg) -> None:
     """A point's launcher values (cpus, memory, time, partition...), before any submission."""
     from omegaconf import OmegaConf
 
-    from polyft.launchers import check_launcher as check_values
-
     launcher = OmegaConf.to_container(cfg.hydra.launcher)
     if "polyft_launchers" not in str(launcher.get("_target_")) and not cfg.resources:
         return
+    from polyft.launchers import check_launcher as check_values
+
     check_values(launcher, resources=dict(cfg.resources))
     if cfg.plan.fit and "polyft_launchers" in str(launcher.get("_target_")):
         from polyft.plan import fit_resources
@@ -238,7 +238,17 @@ def plan_command(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_cli(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        # The process exits next: leave its objects to the OS instead of a last collection
+        # over all of them (measured: 0.05 s of every command's exit).
+        import gc
+
+        gc.freeze()
+
+
+def run_cli(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -57,7 +58,8 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def package_versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
@@ -66,7 +68,13 @@ def package_versions() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return versions
+    return tuple(versions.items())
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of Python and the stack (read once per process: a run and its products
+    record the same)."""
+    return dict(_versions())
 
 
 def git_revision(path: str | os.PathLike | None = None) -> str | None:
