@@ -166,8 +166,8 @@ def run_single(cfg) -> None:
         cfg.hydra.mode = RunMode.RUN
     callbacks = Callbacks(cfg)
     callbacks.on_run_start(config=cfg, config_name="config")
-    ret = run_job(hydra_context=HydraContext(config_loader=GlobalHydra.instance().config_loader(),
-                                             callbacks=callbacks),
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    ret = run_job(hydra_context=HydraContext(config_loader=loader, callbacks=callbacks),  # run_job reads no config
                   task_function=run_command, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
                   configure_logging=True)
     callbacks.on_run_end(config=cfg, config_name="config", job_return=ret)

@@ -135,21 +135,38 @@ def hydra_app(command: str, dirs: list[Path]):
     return _HYDRAS[key]
 
 
-def compose(command: str, overrides: list[str], with_hydra: bool = False, dirs: list[Path] | None = None,
-            multirun: bool = False):
+def compose(command: str, overrides: list[str], with_hydra: bool = False, dirs: list[Path] | None = None):
     """The config of one run point as Hydra composes it for running it (hydra.* overrides
-    included); `with_hydra` keeps the hydra node (run dir, launcher, callbacks)."""
+    included); `with_hydra` keeps the hydra node (run dir, launcher, callbacks). A command
+    line composed before against the same files comes from polyft.compose_cache."""
     from hydra.types import RunMode
     from omegaconf import open_dict, read_write
 
-    app = hydra_app(command, list(dirs) if dirs is not None else user_config_dirs(None, overrides))
-    cfg = app.compose_config("config", [f"command={command}", *overrides],
-                             run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN,
-                             with_log_configuration=False)
+    from polyft import compose_cache
+
+    dirs = list(dirs) if dirs is not None else user_config_dirs(None, overrides)
+    full = [f"command={command}", *overrides]
+    key = compose_cache.key(command, full, [CONF_DIR, *dirs])
+    cfg = compose_cache.load(key)
+    if cfg is None:
+        cfg = hydra_app(command, dirs).compose_config("config", full, run_mode=RunMode.RUN,
+                                                      with_log_configuration=False)
+        compose_cache.store(key, cfg)
+    else:
+        hydra_runtime(command)
     if not with_hydra:
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
     return cfg
+
+
+def hydra_runtime(command: str) -> None:
+    """What Hydra's application sets up when it is made (resolvers such as ${now:}, the job's
+    name), for a config that comes from the cache."""
+    from hydra.core.utils import JobRuntime, setup_globals
+
+    setup_globals()
+    JobRuntime().set("name", f"polyft-{command}")
 
 
 def searched(dirs: list[Path]) -> str:
