@@ -1,8 +1,10 @@
 """Entry point: `polyft COMMAND [overrides]`.
 
-Composes conf/ with Hydra and validates every point of the run (every sweep point
-under -m) before Hydra creates a directory, so a user mistake prints one line, exits 2
-and writes nothing. Heavy libraries are imported inside the commands, not here.
+Composes each point of the run once (polyft/compose.py: polyft's conf/ and the user's config
+directories) and validates every point (every sweep point under -m) before a directory is
+made, so a user mistake prints one line, exits 2 and writes nothing. A single run runs from
+that config; a sweep goes to Hydra's sweeper and launcher. Heavy libraries are imported
+inside the commands, not here.
 """
 
 from __future__ import annotations
@@ -156,10 +158,10 @@ def job_config(cfg):
 def run_single(cfg) -> None:
     """Run one composed point as Hydra's run mode does (run dir, .hydra/, logging, callbacks),
     without composing it again."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.utils import run_job
     from hydra.types import HydraContext, RunMode
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra._internal.callbacks import Callbacks
     from omegaconf import read_write
 
     with read_write(cfg.hydra):
