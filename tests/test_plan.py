@@ -112,7 +112,7 @@ def measured_peak(cfg, model_path: str, steps: int = 2) -> float:
     torch.manual_seed(0)
     model, lora = build_model(cfg, model_path)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if lora is not None:
         model = get_peft_model(model, lora)
