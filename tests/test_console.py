@@ -93,3 +93,53 @@ def test_a_real_bug_still_shows_its_traceback(cli):
     run_dir = run_dirs(cli.cwd / "outputs" / "runs")[-1]
     assert f"the log is {run_dir / 'polyft.log'}" in proc.stderr
     assert "RuntimeError: a real bug" in log_of(run_dir)
+
+
+def on_terminal(args: list[str], cwd: Path, timeout: float = 300) -> str:
+    """What `python -m polyft.cli ARGS` shows on a terminal (a pty of 100 columns)."""
+    import fcntl
+    import os
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "polyft.cli", *args], cwd=cwd, stdin=slave, stdout=slave,
+                            stderr=slave, close_fds=True)
+    os.close(slave)
+    out, deadline = b"", time.time() + timeout
+    while time.time() < deadline:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=30)
+    os.close(master)
+    return out.decode("utf-8", "replace")
+
+
+def test_one_bar_for_eval_requests_and_merge_tensors_on_a_terminal_only(cli, tiny_llama_dir):
+    """On a terminal: polyft's bar over lm-eval's requests (lm-eval's own bars stay off) and
+    over a merge's tensors; in a pipe (the test's capture), no bar at all."""
+    merged = on_terminal(["merge", "merge=linear", f"merge.models=[{tiny_llama_dir},{tiny_llama_dir}]",
+                          "logger=none"], cli.cwd)
+    from polyft.merge.io import read_header
+
+    n_tensors = len([k for k in read_header(tiny_llama_dir / "model.safetensors")[0] if k != "__metadata__"])
+    assert re.search(rf"polyft: merging linear: +\d+%\|.*\| *\d+/{n_tensors} ", merged), merged
+    shown = on_terminal(["eval", "eval=demo", "eval.limit=8", "logger=none"], cli.cwd)
+    frames = shown.replace("\r", "\n").splitlines()
+    assert any(re.search(r"polyft: eval: generation: +\d+%\|.*\| *\d+/32 ", f) for f in frames), shown
+    assert any(re.search(r"polyft: eval: loglikelihood: +\d+%\|.*\| *\d+/\d+ ", f) for f in frames), shown
+    assert not any("Running loglikelihood requests" in f or "Running generate_until" in f for f in frames), shown
+    piped = cli("eval", "eval=demo", "eval.limit=8", "logger=none", "seed=1")
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "%|" not in console_of(piped)

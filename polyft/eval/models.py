@@ -9,6 +9,7 @@ model object, so no adapter evaluation reloads the base.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 from dataclasses import dataclass
@@ -196,10 +197,55 @@ class HFModels:
 
     def lm(self, m: ModelRef):
         """An lm-eval HFLM around the shared model object, with `m`'s adapter (if any) on."""
-        from lm_eval.models.huggingface import HFLM
-
         model = self.plain(m.path) if m.kind == "model" else self.with_adapter(m)
-        return HFLM(pretrained=model, tokenizer=self.tokenizer_for(m), batch_size=self.batch_size)
+        return progress_lm()(pretrained=model, tokenizer=self.tokenizer_for(m), batch_size=self.batch_size)
+
+
+@functools.lru_cache(maxsize=1)
+def progress_lm():
+    """HFLM drawing polyft's one bar over each batch of requests (lm-eval's own bars off):
+    counted per forward pass, it is the same computation HFLM does."""
+    from lm_eval.models.huggingface import HFLM
+
+    from polyft import console
+
+    class ProgressLM(HFLM):
+        bar = None
+
+        def _requests(self, method, requests, what):
+            self.bar = console.progress(len(requests), f"eval: {what}", unit="request")
+            try:
+                out = getattr(super(), method)(requests, disable_tqdm=True)
+                self._advance(len(requests))  # requests sharing a context were scored in one pass
+                return out
+            finally:
+                self.bar.close()
+                self.bar = None
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return self._requests("loglikelihood", requests, "loglikelihood")
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return self._requests("loglikelihood_rolling", requests, "rolling loglikelihood")
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return self._requests("generate_until", requests, "generation")
+
+        def _advance(self, n: int) -> None:
+            if self.bar is not None:
+                self.bar.update(min(n, self.bar.total - self.bar.n))
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            self._advance(inps.shape[0])
+            return out
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            out = super()._model_generate(context, max_length, stop, **generation_kwargs)
+            self._advance(context.shape[0])
+            return out
+
+    return ProgressLM
 
 
 def release() -> None:

@@ -254,7 +254,8 @@ def command(cfg, record) -> None:
             return
         since = console.started(f"merging {name} ({cfg.merge.method})")
         with store.build(KIND, name, key, target=target) as build:
-            result = merge_models(merge_spec(cfg, inputs), build.dir)
+            result = merge_models(merge_spec(cfg, inputs), build.dir,
+                                  progress=lambda total: console.progress(total, f"merging {name}", unit="tensor"))
             build.manifest.update(method=cfg.merge.method, inputs=[str(p) for p in inputs.models],
                                   base=str(inputs.base) if inputs.base else None, merge=result)
     record.metrics.update(merge_seconds=result["seconds"], tensors=result["tensors"],

@@ -222,9 +222,10 @@ def reusable_heap():
         trim(0)
 
 
-def merge_models(spec: MergeSpec, out_dir: str | Path) -> dict:
+def merge_models(spec: MergeSpec, out_dir: str | Path, progress=None) -> dict:
     """Merge `spec.models` into `out_dir` (which must exist and be empty: the caller makes it
-    temporary and renames it when this returns). Returns diagnostics for the manifest."""
+    temporary and renames it when this returns). Returns diagnostics for the manifest.
+    `progress(total)`, if given, makes a bar (update(n), close()) over the output tensors."""
     start = time.time()
     out_dir = Path(out_dir)
     method = registry.get(spec.method)
@@ -233,7 +234,9 @@ def merge_models(spec: MergeSpec, out_dir: str | Path) -> dict:
     checkpoints = list(zip(labels, inputs)) + ([(str(spec.base), base)] if base is not None else [])
     names = compare_layouts(checkpoints, spec.vocab)
     jobs, n_layers = plan_jobs(spec, method, inputs, names)
-    writer = io.ShardWriter(out_dir, [j.out for j in jobs], spec.shard_size)
+    bar = progress(len(jobs)) if progress is not None else None
+    writer = io.ShardWriter(out_dir, [j.out for j in jobs], spec.shard_size,
+                            on_done=(lambda name: bar.update(1)) if bar is not None else None)
     stop = threading.Event()
 
     def copy_all(raw_jobs):
@@ -263,6 +266,8 @@ def merge_models(spec: MergeSpec, out_dir: str | Path) -> dict:
         shards = writer.finish()
     finally:
         writer.close()
+        if bar is not None:
+            bar.close()
     config_dir = _side_dirs(spec.config_source or spec.models[0], inputs, spec)[0]
     tokenizer_dir = _side_dirs(spec.tokenizer_source or _first_with_tokenizer(spec), inputs, spec)[1]
     side = io.copy_side_files(out_dir, config_dir, tokenizer_dir,

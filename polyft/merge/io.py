@@ -298,8 +298,9 @@ class ShardWriter:
     `copy` fill a tensor's bytes at its planned offset (pwrite / copy_file_range), so
     nothing is buffered. `finish` checks that every tensor arrived and writes the index."""
 
-    def __init__(self, out_dir: str | os.PathLike, tensors: list[OutTensor], shard_size: int):
+    def __init__(self, out_dir: str | os.PathLike, tensors: list[OutTensor], shard_size: int, on_done=None):
         self.dir = Path(out_dir)
+        self.on_done = on_done  # called with a tensor's name when all its bytes are in place
         self.shards = plan_shards(tensors, shard_size)
         self.by_name: dict[str, OutTensor] = {}
         self.fds: list[int] = []
@@ -330,6 +331,8 @@ class ShardWriter:
 
     def _done(self, name: str) -> None:
         self.pending.discard(name)
+        if self.on_done is not None:
+            self.on_done(name)
         if self.sleep:
             time.sleep(self.sleep)
 
