@@ -46,7 +46,7 @@ tables-real: install fetch-model
 	$(REAL_ENV) $(VENV)/bin/polyft run +exp=merge_lowres_real -m merge.slack=0.0,0.1,0.3
 
 test: install fetch-model
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 bench: install
 	$(PY) scripts/bench_train.py
