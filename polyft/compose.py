@@ -1,16 +1,16 @@
 """Where configs come from, and composing one run's config from them.
 
 The search path is polyft's own conf/ (shipped in the package), then the user's config
-directories, in this order of the command line:
+directories, in this order:
     --config-dir DIR (-cd DIR)         a directory with group subdirectories (data/, exp/, ...)
     ./conf                             of the working directory, when it has one
-    hydra.searchpath=[file://DIR,...]  Hydra's own key (Hydra adds these itself)
+    hydra.searchpath=[file://DIR,...]  Hydra's key for it (its pkg:// entries are left to Hydra)
 A user's option may not take the name of a shipped one (it would be shadowed, silently).
 
 Composition goes through Hydra's config loader once per run point, with the hydra node, so
-that the config that is validated is the config that runs. Uses hydra._internal (pinned
-hydra-core 1.3.8): the public compose API takes one config directory only.
-"""
+that the config that is validated is the config that runs (or comes back from
+polyft.compose_cache). Uses hydra._internal (pinned hydra-core 1.3.8): the public compose API
+takes one config directory only."""
 
 from __future__ import annotations
 
