@@ -90,24 +90,18 @@ def handler_for(cfg):
     return importlib.import_module(HANDLERS[cfg.command])
 
 
-def config_dir_flag(flags: list[str]) -> str | None:
-    for i, f in enumerate(flags[:-1]):
-        if f in ("--config-dir", "-cd"):
-            return flags[i + 1]
-    return None
-
-
 def check_launcher(cfg) -> None:
     """A point's launcher values (cpus, memory, time, partition...), before any submission."""
     from omegaconf import OmegaConf
 
     launcher = OmegaConf.to_container(cfg.hydra.launcher)
-    if "polyft_launchers" not in str(launcher.get("_target_")) and not cfg.resources:
+    ours = "polyft_launchers" in str(launcher.get("_target_"))
+    if not ours and not cfg.resources:
         return
     from polyft.launchers import check_launcher as check_values
 
     check_values(launcher, resources=dict(cfg.resources))
-    if cfg.plan.fit and "polyft_launchers" in str(launcher.get("_target_")):
+    if cfg.plan.fit and ours:
         from polyft.plan import fit_resources
 
         fit_resources(cfg, launcher)  # a point that fits no GPU is refused here, not at submission
@@ -205,7 +199,7 @@ def plan_command(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from polyft.compose import compose, explain, source_overrides, user_config_dirs, with_dirs
+    from polyft.compose import command_line, compose, explain
     from polyft.experiment import validate_run
     from polyft.plan import USAGE, estimates, table
 
@@ -216,8 +210,7 @@ def plan_command(args: list[str]) -> int:
     overrides, flags = split_args(args)
     multirun = "-m" in flags or "--multirun" in flags
     rows, gpus, first = [], None, None
-    dirs = user_config_dirs(config_dir_flag(flags), overrides)
-    overrides = source_overrides(with_dirs(overrides, dirs))
+    overrides, dirs = command_line(flags, overrides)
     try:
         points = sweep_points(overrides, multirun)
         for n, point in enumerate(points):
@@ -264,7 +257,7 @@ def run_cli(args: list[str]) -> int:
             return plan_command(rest)
         except PolyftError as exc:
             fail(str(exc))
-    from polyft.compose import source_overrides, user_config_dirs, with_dirs
+    from polyft.compose import command_line
 
     overrides, flags = split_args(rest)
     multirun = "-m" in flags or "--multirun" in flags
@@ -272,8 +265,7 @@ def run_cli(args: list[str]) -> int:
     if not helping:
         console.start(rest)
     try:
-        dirs = user_config_dirs(config_dir_flag(flags), overrides)
-        overrides = source_overrides(with_dirs(overrides, dirs))
+        overrides, dirs = command_line(flags, overrides)
         printing = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
         if printing & set(flags):
             if not helping:

@@ -52,6 +52,14 @@ def user_config_dirs(config_dir: str | None, overrides: list[str], cwd: Path | N
     return dirs
 
 
+def command_line(flags: list[str], overrides: list[str]) -> tuple[list[str], list[Path]]:
+    """The overrides as they are composed, and the user's config directories, from a command
+    line's Hydra flags (--config-dir) and overrides."""
+    config_dir = next((flags[i + 1] for i, f in enumerate(flags[:-1]) if f in ("--config-dir", "-cd")), None)
+    dirs = user_config_dirs(config_dir, overrides)
+    return source_overrides(with_dirs(overrides, dirs)), dirs
+
+
 def with_dirs(overrides: list[str], dirs: list[Path]) -> list[str]:
     """The overrides with the user's directories as `config_dirs` (recorded with the run, and
     where experiments look up an expert's group options); hydra.searchpath keeps only pkg://
