@@ -145,6 +145,7 @@ class MergeConfig:
     base: Optional[str] = None
     weights: Optional[List[Any]] = None
     normalize: bool = True
+    sign_tie: str = "positive"  # ties, ties_sv, dare_ties: what an exactly tied sign vote elects
     scale: Any = 1.0
     density: Any = 1.0
     slack: float = 0.1
@@ -167,7 +168,8 @@ class MergeConfig:
     bounds: List[float] = field(default_factory=lambda: [-1.5, 1.5])
     l1: float = 0.05  # objective: few-shot loss + l1 * mean |w|
     optimizer: str = "NGOpt"  # a nevergrad optimizer name
-    batch_size: int = 8  # few-shot rows per forward pass
+    batch_size: Optional[int] = None  # few-shot rows per forward pass; null: all shots at once (the authors')
+    objective: str = "authors"  # authors: sum of batch-mean CE / shots (lorahub 0.1.0) | token_mean
     max_length: Optional[int] = None  # tokens per row; default: the data config's (jsonl: 1024)
     dtype: Optional[str] = None  # default: the inputs'
     shard_size: str = "1GB"  # shards are written in parallel, a file per core
@@ -392,6 +394,7 @@ def _check_merge(m) -> None:
 
     _choice("merge.method", m.method, tuple(sorted(names() + adapter_space.names())))
     _choice("merge.non_layer", m.non_layer, ("outer", "middle", "average"))
+    _choice("merge.sign_tie", m.sign_tie, ("positive", "majority"))
     _choice("merge.vocab", m.vocab, ("strict", "first"))
     _choice("merge.dtype", m.dtype, (None, "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
 
@@ -433,8 +436,9 @@ def _check_lorahub(m) -> None:
         raise ConfigError(f"merge.bounds={list(m.bounds)} is not allowed; give [low, high] with low < high")
     if m.l1 < 0:
         raise ConfigError(f"merge.l1={m.l1} is not allowed; the L1 coefficient must be >= 0")
-    if m.batch_size < 1:
-        raise ConfigError(f"merge.batch_size={m.batch_size} is not allowed; it must be >= 1")
+    if m.batch_size is not None and m.batch_size < 1:
+        raise ConfigError(f"merge.batch_size={m.batch_size} is not allowed; it must be >= 1 (or null: all shots)")
+    _choice("merge.objective", m.objective, ("authors", "token_mean"))
     if m.max_length is not None and m.max_length <= 8:
         raise ConfigError(f"merge.max_length={m.max_length} is not allowed; it must be > 8 (or null)")
     if m.data is None or (isinstance(m.data, str) and not m.data.strip()):

@@ -147,6 +147,26 @@ def test_composed_peft_lora_equals_flix_forward(model, tiny_llama_dir, tmp_path,
     assert (got - plain).abs().max() > 1e-3
 
 
+def test_layer_output_is_the_papers_sum(model):
+    """h = W0 x + sum_f (alpha_f / r_f) B_f A_f x, with the scales written out from flix_cfg's
+    numbers (task 8/4, lang 2/2), not from FlixConfig.scale, on a layer's recorded input."""
+    layer_name, layer = next(iter(flix.flix_layers(model).items()))
+    seen = {}
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], out=out))
+    fs = {"task": "math", "lang": "sw"}
+    with torch.no_grad():
+        model(ids(n=1), flix_features=flix.encode(model.flix_config, [fs]))
+    handle.remove()
+    x = seen["x"]
+    task, lang = f"task_{VALUES['task'].index('math')}", f"lang_{VALUES['lang'].index('sw')}"
+    with torch.no_grad():
+        want = layer.base_layer(x)
+        want = want + (8.0 / 4) * (x @ layer.lora_A[task].T) @ layer.lora_B[task].T
+        want = want + (2.0 / 2) * (x @ layer.lora_A[lang].T) @ layer.lora_B[lang].T
+    assert torch.allclose(seen["out"], want, atol=1e-6), layer_name
+    assert (want - layer.base_layer(x)).abs().max() > 1e-3
+
+
 def test_unseen_language_composes_the_task_alone(model, tmp_path):
     cfg = model.flix_config
     fs, notices = flix.resolve_feature_set(cfg, {"task": "math", "lang": "te"})

@@ -71,21 +71,24 @@ def assert_close(got: dict, want: dict) -> None:
 
 def ref_trim(tv: torch.Tensor, density: float) -> torch.Tensor:
     n = tv.numel()
-    k = max(1, round(density * n))
+    k = max(1, int(density * n))  # mergekit's count; entries tied with the k-th are all kept
     if k >= n:
         return tv.clone()
     thr = tv.abs().flatten().kthvalue(n - k + 1).values
     return torch.where(tv.abs() >= thr, tv, torch.zeros_like(tv))
 
 
-def ref_sign_mean(vs: list[torch.Tensor], ws: list[float]):
-    sign = torch.sign(sum(w * v for v, w in zip(vs, ws)))
+def ref_sign_mean(vs: list[torch.Tensor], ws: list[float], normalize: bool = True):
+    # A vote summing to exactly 0 elects + (mergekit's default); an entry joins when w * v has the sign.
+    sign = torch.where(sum(w * v for v, w in zip(vs, ws)) >= 0, 1.0, -1.0)
     num = torch.zeros_like(vs[0])
     den = torch.zeros_like(vs[0])
     for v, w in zip(vs, ws):
-        keep = (torch.sign(v) == sign) & (v != 0)
+        keep = torch.sign(w * v) == sign
         num += torch.where(keep, w * v, 0.0)
         den += torch.where(keep, w, 0.0)
+    if not normalize:
+        return num
     return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
 
 
@@ -145,7 +148,7 @@ def test_ties_trims_exactly_the_top_k(variants, tmp_path):
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     for density in (0.001, 0.1, 0.37, 0.5, 0.999):
         mask = topk_mask(x, density)
-        k = max(1, round(density * 1000))
+        k = max(1, int(density * 1000))
         assert int(mask.sum()) == k
         assert set(mask.nonzero().flatten().tolist()) == set(x.abs().topk(k).indices.tolist())
 
@@ -162,9 +165,9 @@ def test_ties_sv(variants, tmp_path):
     for k in b:
         tv_sft, tv_ct = sd[0][k] - b[k], sd[1][k] - b[k]
         t_sft, t_ct = ref_trim(tv_sft, density), ref_trim(tv_ct, density)
-        sign = torch.sign(t_sft + t_ct)
-        agree_sft = (torch.sign(t_sft) == sign) & (t_sft != 0)
-        agree_ct = (torch.sign(t_ct) == sign) & (t_ct != 0)
+        sign = torch.where(t_sft + t_ct >= 0, 1.0, -1.0)
+        agree_sft = torch.sign(t_sft) == sign
+        agree_ct = torch.sign(t_ct) == sign
         rescue = (t_sft != 0) & ~agree_sft & (t_sft.abs() >= (1 - xi) * t_ct.abs())
         keep_sft = agree_sft | rescue
         num = torch.where(keep_sft, t_sft, 0.0) + torch.where(agree_ct, t_ct, 0.0)
@@ -196,7 +199,9 @@ def test_dare(variants, tmp_path, method):
     for k in b:
         sparse = [torch.where(ref_dare_mask(seed, k, i, b[k].shape, density), (s[k] - b[k]) / density, 0.0)
                   for i, s in enumerate(sd)]
-        merged = sparse[0] + 0.5 * sparse[1] if method == "dare_linear" else ref_sign_mean(sparse, [1.0, 0.5])
+        # dare_ties sums the agreeing entries undivided (mergekit's default, normalize=false)
+        merged = sparse[0] + 0.5 * sparse[1] if method == "dare_linear" else \
+            ref_sign_mean(sparse, [1.0, 0.5], normalize=False)
         want[k] = b[k] + 0.8 * merged
     assert_close(got, want)
 

@@ -1,6 +1,12 @@
 """DARE (Yu et al., 2024): drop each task-vector entry with probability 1 - density and
 rescale the survivors by 1/density, then add (dare_linear) or TIES-merge (dare_ties).
 
+dare_ties elects signs and keeps agreeing entries as ties does (merge.sign_tie), then sums
+them without dividing by the kept weights, as mergekit's dare_ties does by default
+(merge.normalize=false in conf/merge/dare_ties.yaml; true divides as TIES' disjoint mean).
+The rescale is the DARE paper's 1/density; mergekit 0.1.5 instead rescales each tensor so
+its L1 norm is unchanged, which equals 1/density only in expectation.
+
 Randomness is fixed per block of BLOCK_ROWS rows: the keep mask of model i for rows
 [b * BLOCK_ROWS, (b + 1) * BLOCK_ROWS) of tensor `name` is
 torch.rand(BLOCK_ROWS, row_size, generator=manual_seed(tensor_seed(seed, name, i, b))) < density
@@ -13,7 +19,7 @@ from __future__ import annotations
 import hashlib
 
 from polyft.merge.registry import register
-from polyft.merge.ties import agrees, disjoint_mean, elect_sign
+from polyft.merge.ties import agrees, consensus, elect_sign, majority_of
 
 BLOCK_ROWS = 64
 
@@ -61,9 +67,25 @@ def dare_linear(tensors, base, *, weights, density, name, scale=1.0, seed=0, row
     return delta.mul_(scale).add_(base)
 
 
-@register("dare_ties", params=("weights", "scale", "density", "seed", "name", "row0"), needs_base=True)
-def dare_ties(tensors, base, *, weights, density, name, scale=1.0, seed=0, row0=0):
+def prepare_majority(chunks, *, weights, density, name, seed=0, sign_tie="positive", **_) -> dict:
+    """Engine hook: for merge.sign_tie=majority, the whole tensor's majority sign."""
+    if sign_tie != "majority":
+        return {}
+
+    def sparse_chunks():
+        row0 = 0
+        for tensors, base in chunks():
+            yield sparse_task_vectors(tensors, base, density, seed, name, row0)
+            row0 += base.shape[0] if base.dim() else 1
+
+    return majority_of(sparse_chunks(), weights)
+
+
+@register("dare_ties", params=("weights", "scale", "density", "seed", "name", "row0", "sign_tie", "normalize"),
+          needs_base=True, prepare=prepare_majority)
+def dare_ties(tensors, base, *, weights, density, name, scale=1.0, seed=0, row0=0, sign_tie="positive",
+              normalize=False, majority=None):
     sparse = sparse_task_vectors(tensors, base, density, seed, name, row0)
-    sign = elect_sign(sparse, weights)
-    merged = disjoint_mean(sparse, weights, [agrees(v, sign) for v in sparse])
-    return merged.mul_(scale).add_(base)
+    sign = elect_sign(sparse, weights, sign_tie, majority)
+    keep = [agrees(v, w, sign) for v, w in zip(sparse, weights)]
+    return consensus(sparse, weights, keep, normalize).mul_(scale).add_(base)

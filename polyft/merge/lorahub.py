@@ -6,7 +6,18 @@ Given LoRAs (A_i [r, in], B_i [out, r] per module) on one base, the composed mod
 
 and w is found by nevergrad's gradient-free optimiser, bounded to merge.bounds, minimising
 the few-shot loss (response tokens only, rows formatted exactly as `polyft train` formats
-them) + merge.l1 * mean |w|. The best evaluated candidate is kept.
+them) + merge.l1 * mean |w|.
+
+By default this is the LoraHub authors' procedure (PyPI `lorahub` 0.1.0,
+lorahub.algorithm.lorahub_learning), step for step, so the same adapters, shots and seed pick
+the same weights (tests/test_lorahub_reference.py runs their package):
+- objective=authors: the model's own batch-mean cross-entropy, added up over the shots'
+  batches (merge.batch_size rows each in file order; null: all shots in one batch) and
+  divided by the number of shots; objective=token_mean: the mean over every response token.
+- the search: numpy's global seed set to merge.seed (42 there), w starting at 0,
+  optimizer.minimize over merge.budget candidates, and the optimiser's recommendation (not
+  necessarily the best candidate evaluated) is the answer.
+- the composition: each factor times its weight, summed in adapter order, in float32.
 
 The search loads the base once and puts the first adapter into it with PEFT; a candidate
 is evaluated by writing its A*, B* into the live lora_A / lora_B weights in place and
@@ -211,7 +222,7 @@ def product_key(cfg, resolve) -> dict:
     m = cfg.merge
     inputs = resolve_inputs(cfg, resolve)
     rows, max_length = few_shot_rows(cfg)
-    params = {k: m[k] for k in ("method", "budget", "l1", "seed", "optimizer", "batch_size")}
+    params = {k: m[k] for k in ("method", "budget", "l1", "seed", "optimizer", "batch_size", "objective")}
     params.update(bounds=[float(b) for b in m.bounds], max_length=max_length, nevergrad=version("nevergrad"))
     return {"merge": params,
             "adapters": [{"path": str(p), **fingerprint(p)} for p in inputs.adapters],
@@ -222,12 +233,13 @@ def product_key(cfg, resolve) -> dict:
 # ---------------------------------------------------------------- maths
 
 def compose(factors: list, weights: list[float]):
-    """sum_i w_i F_i, accumulated in float32 in input order (the order fixes the bits)."""
+    """sum_i w_i F_i in float32: each product rounded, then added in input order, as the
+    authors' get_final_weights does (a fused multiply-add would change the last bit)."""
     import torch
 
-    out = torch.zeros_like(factors[0], dtype=torch.float32)
-    for w, f in zip(weights, factors):
-        out.add_(f.to(torch.float32), alpha=w)
+    out = factors[0].to(torch.float32) * float(weights[0])
+    for w, f in zip(weights[1:], factors[1:]):
+        out = out + f.to(torch.float32) * float(w)
     return out
 
 
@@ -239,12 +251,13 @@ def composed_tensors(adapters: list, names: list[str], weights: list[float]) -> 
 
 # ---------------------------------------------------------------- the objective
 
-def few_shot_batches(rows: list[dict], tokenizer, max_length: int, batch_size: int,
+def few_shot_batches(rows: list[dict], tokenizer, max_length: int, batch_size: int | None,
                      chat_template: str = "model") -> list[tuple]:
-    """(input_ids, attention_mask, labels) batches; labels are -100 outside the response.
-    Rows are encoded by polyft.data.formatting.encode, as training encodes them (with the
-    chat template model.chat_template names), and sorted by length so that batches carry
-    little padding."""
+    """(input_ids, attention_mask, labels) batches of `batch_size` rows in file order (None:
+    one batch); labels are -100 outside the response. Rows are encoded by
+    polyft.data.formatting.encode, as training encodes them (with the chat template
+    model.chat_template names). The order matters: the authors' objective weighs every batch's
+    mean equally."""
     import torch
 
     from polyft.data.formatting import encode, use_chat_template
@@ -258,7 +271,7 @@ def few_shot_batches(rows: list[dict], tokenizer, max_length: int, batch_size: i
             encoded.append((ids, [t if keep else -100 for t, keep in zip(ids, mask)]))
     if not encoded:
         raise PolyftError(f"merge.data: no row keeps a response token within max_length={max_length}")
-    encoded.sort(key=lambda e: len(e[0]))
+    batch_size = batch_size or len(encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = []
     for i in range(0, len(encoded), batch_size):
@@ -275,20 +288,29 @@ def few_shot_batches(rows: list[dict], tokenizer, max_length: int, batch_size: i
     return batches
 
 
-def few_shot_loss(model, batches: list[tuple]) -> float:
-    """Mean cross-entropy over every response token of the batches (token-weighted)."""
+OBJECTIVES = ("authors", "token_mean")
+
+
+def few_shot_loss(model, batches: list[tuple], objective: str = "authors") -> float:
+    """authors: sum over batches of the model's batch-mean cross-entropy (its own `loss`,
+    accumulated in float32 as the authors' default_get_loss does), divided by the number of
+    shots; token_mean: the mean cross-entropy over every response token of the batches."""
     import torch
     import torch.nn.functional as F
 
-    total, count = 0.0, 0
+    total, count, rows = torch.zeros((), dtype=torch.float32), 0, 0
     with torch.inference_mode():
         for ids, attn, labels in batches:
+            rows += len(ids)
+            if objective == "authors":
+                total = total + model(input_ids=ids, attention_mask=attn, labels=labels).loss.float()
+                continue
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
             target = labels[:, 1:]
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                                     ignore_index=-100, reduction="sum").item()
+            total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                            ignore_index=-100, reduction="sum").double()
             count += int((target != -100).sum())
-    return total / count
+    return float(total) / rows if objective == "authors" else float(total) / count
 
 
 def live_factors(model, names: list[str]) -> dict:
@@ -328,27 +350,39 @@ class Composer:
 
 def search(loss_fn, n: int, budget: int, bounds: tuple[float, float], l1: float, seed: int,
            optimizer: str) -> dict:
-    """Minimise loss_fn(w) + l1 * mean|w| over w in [low, high]^n with `budget` evaluations.
-    Candidates are asked one at a time, so the same seed and losses give the same path."""
+    """Minimise loss_fn(w) + l1 * mean|w| over w in [low, high]^n with `budget` evaluations,
+    as lorahub_learning does: global numpy (and random) seeded, nevergrad's minimize loop with
+    one worker, its recommendation returned. The trajectory records every candidate."""
+    import random
+
     import nevergrad as ng
     import numpy as np
 
+    # nevergrad draws its random state from numpy's global generator on first use; seeding that
+    # generator, as the authors do, reproduces their path (a RandomState of our own would not)
+    random.seed(seed)
+    np.random.seed(seed)
     low, high = float(bounds[0]), float(bounds[1])
     # The paper starts from w = 0 (the base model); bounds that exclude 0 start mid-range.
-    init = np.zeros(n) if low < 0 < high else np.full(n, (low + high) / 2)
-    param = ng.p.Array(init=init, lower=low, upper=high)
-    param.random_state = np.random.RandomState(seed)
-    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget, num_workers=1)
+    init = [0.0] * n if low < 0 < high else [(low + high) / 2] * n
+    param = ng.p.Array(init=init, upper=[high] * n, lower=[low] * n)
+    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget)
     trajectory = []
-    for step in range(budget):
-        cand = opt.ask()
-        w = [float(x) for x in cand.value]
+
+    def objective(w) -> float:
+        w = [float(x) for x in w]
         loss = float(loss_fn(w))
         value = loss + l1 * sum(abs(x) for x in w) / n
-        opt.tell(cand, value)
-        trajectory.append({"step": step, "weights": w, "loss": loss, "objective": value})
-    best = min(trajectory, key=lambda t: (t["objective"], t["step"]))
-    return {"best": best, "trajectory": trajectory}
+        trajectory.append({"step": len(trajectory), "weights": w, "loss": loss, "objective": value})
+        return value
+
+    weights = [float(x) for x in opt.minimize(objective).value]
+    chosen = next((t for t in reversed(trajectory) if t["weights"] == weights), None)
+    if chosen is None:  # a recommendation never evaluated (e.g. CMA's mean): evaluate it once
+        loss = float(loss_fn(weights))
+        chosen = {"step": None, "weights": weights, "loss": loss,
+                  "objective": loss + l1 * sum(abs(x) for x in weights) / n}
+    return {"best": chosen, "trajectory": trajectory}
 
 
 def build(cfg, out_dir: Path, resolve) -> dict:
@@ -369,7 +403,7 @@ def build(cfg, out_dir: Path, resolve) -> dict:
 
     def loss_fn(w):
         composer.set_weights(w)
-        return few_shot_loss(composer.model, batches)
+        return few_shot_loss(composer.model, batches, m.objective)
 
     start = time.perf_counter()
     result = search(loss_fn, len(adapters), m.budget, tuple(m.bounds), m.l1, m.seed, m.optimizer)
@@ -382,6 +416,7 @@ def build(cfg, out_dir: Path, resolve) -> dict:
     manifest = {"adapters": [str(p) for p in inputs.adapters], "refs": [str(r) for r in m.adapters],
                 "base": str(inputs.base), "weights": best["weights"], "best_objective": best["objective"],
                 "best_loss": best["loss"], "best_step": best["step"], "optimizer": m.optimizer,
+                "objective": m.objective, "batch_size": m.batch_size,
                 "budget": m.budget, "bounds": [float(b) for b in m.bounds], "l1": m.l1, "seed": m.seed,
                 "shots": len(rows), "response_tokens": sum(int((b[2][:, 1:] != -100).sum()) for b in batches),
                 "seconds": seconds, "seconds_per_candidate": seconds / m.budget,
@@ -389,6 +424,7 @@ def build(cfg, out_dir: Path, resolve) -> dict:
     metrics = {"lorahub_weights": best["weights"], "lorahub_best_objective": best["objective"],
                "lorahub_best_loss": best["loss"], "lorahub_loss_trajectory": losses,
                "lorahub_seconds_per_candidate": seconds / m.budget}
+    at = "recommended" if best["step"] is None else f"at step {best['step']}"
     console.echo(f"polyft: lorahub weights {', '.join(f'{w:+.3f}' for w in best['weights'])} "
-          f"(few-shot loss {losses[0]:.4f} at step 0 -> {best['loss']:.4f} at step {best['step']})")
+                 f"(few-shot loss {losses[0]:.4f} at step 0 -> {best['loss']:.4f} {at})")
     return {"manifest": manifest, "metrics": metrics}

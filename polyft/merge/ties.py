@@ -1,11 +1,19 @@
 """TIES-merging (Yadav et al., 2023): trim, elect sign, disjoint mean.
 
 Each task vector tau_i = theta_i - base keeps its top-k entries by magnitude, k =
-round(density * numel) (at least 1); entries tied with the k-th largest magnitude are kept
-too, so trimming is a threshold and works chunk by chunk once the threshold is known. The
-sign of every entry is elected from sum_i w_i trim(tau_i); the merged vector is the weighted
-mean over the models whose trimmed entry is non-zero and agrees with the elected sign, and
-theta = base + scale * merged. With equal weights this is the paper's disjoint mean.
+int(density * numel) (at least 1, as mergekit counts it). Entries tied with the k-th largest
+magnitude are all kept, so trimming is a threshold and works chunk by chunk once the
+threshold is known; mergekit keeps exactly k and breaks such ties by its sort order, so the
+two differ only on entries tied at the threshold (common in bf16, rare in fp32).
+
+The sign of every entry is elected from sum_i w_i trim(tau_i). A vote that sums to exactly 0
+(opposite task vectors, frequent in bf16) elects + by default, as mergekit does
+(merge.sign_tie=positive); merge.sign_tie=majority gives it the sign most entries of the
+tensor elected, as the TIES authors' code does over its whole flattened model (polyft merges
+tensor by tensor, so its "whole vector" is the tensor). A model's entry joins when w_i
+trim(tau_i) has the elected sign; the merged vector is sum_i w_i v_i [kept] divided by
+sum_i w_i [kept] (merge.normalize=true, the paper's disjoint mean with equal weights) or not
+divided (normalize=false), and theta = base + scale * merged.
 """
 
 from __future__ import annotations
@@ -53,20 +61,7 @@ def magnitude_thresholds(chunks, ks: list[int]) -> list[float]:
 
 
 def keep_count(density: float, numel: int) -> int:
-    return max(1, round(density * numel))
-
-
-def prepare_thresholds(chunks, *, numel: int, density: float, **_) -> dict:
-    """Engine hook: each task vector's trimming threshold, over the whole tensor."""
-    n_models = len(next(iter(chunks()))[0])
-    k = keep_count(density, numel)
-    if k >= numel:
-        return {"thresholds": [0.0] * n_models}  # keep everything
-
-    def task_chunks():
-        return ([t - base for t in tensors] for tensors, base in chunks())
-
-    return {"thresholds": magnitude_thresholds(task_chunks, [k] * n_models)}
+    return max(1, int(density * numel))
 
 
 def topk_mask(tv, density: float, threshold: float | None = None):
@@ -81,29 +76,6 @@ def topk_mask(tv, density: float, threshold: float | None = None):
     return tv.abs() >= threshold
 
 
-def elect_sign(vectors, weights):
-    """The sign of sum_i w_i v_i, entry by entry (0 where the sum is 0)."""
-    return weighted_sum(vectors, weights).sign_()
-
-
-def agrees(v, sign):
-    """Entries of v that are non-zero and have the elected sign (which is then non-zero)."""
-    return v * sign > 0
-
-
-def disjoint_mean(vectors, weights, keep):
-    """sum_i w_i v_i [keep_i] / sum_i w_i [keep_i], 0 where no model is kept."""
-    import torch
-
-    num = torch.zeros_like(vectors[0])
-    den = torch.zeros_like(vectors[0])
-    for v, w, k in zip(vectors, weights, keep):
-        kf = k.to(num.dtype)
-        num.addcmul_(v, kf, value=w)
-        den.add_(kf, alpha=w)
-    return num.div_(den.masked_fill_(den == 0, 1.0))
-
-
 def trimmed_task_vectors(tensors, base, density, thresholds=None):
     """(trimmed task vectors, their top-k masks); every tensor here is freshly allocated."""
     trimmed, masks = [], []
@@ -115,9 +87,109 @@ def trimmed_task_vectors(tensors, base, density, thresholds=None):
     return trimmed, masks
 
 
-@register("ties", params=("weights", "scale", "density"), needs_base=True, prepare=prepare_thresholds)
-def ties(tensors, base, *, weights, density, scale=1.0, thresholds=None):
-    trimmed, _ = trimmed_task_vectors(tensors, base, density, thresholds)
-    sign = elect_sign(trimmed, weights)
-    merged = disjoint_mean(trimmed, weights, [agrees(v, sign) for v in trimmed])
-    return merged.mul_(scale).add_(base)
+# ---------------------------------------------------------------- sign consensus
+
+SIGN_TIES = ("positive", "majority")
+
+
+def vote(vectors, weights):
+    """The sign of sum_i w_i v_i, entry by entry (0 where the vote is an exact tie)."""
+    return weighted_sum(vectors, weights).sign_()
+
+
+def tensor_majority(votes_sum: float) -> float:
+    """The sign most entries elected: the TIES authors' answer to a tied vote."""
+    return float((votes_sum > 0) - (votes_sum < 0))
+
+
+def elect_sign(vectors, weights, sign_tie: str = "positive", majority: float | None = None):
+    """The elected sign of every entry; an exactly tied vote gets + (positive) or `majority`
+    (computed from these vectors when the caller has no whole-tensor value)."""
+    sign = vote(vectors, weights)
+    if sign_tie == "majority":
+        fill = tensor_majority(float(sign.sum())) if majority is None else majority
+    else:
+        fill = 1.0
+    return sign.masked_fill_(sign == 0, fill)
+
+
+def agrees(v, w: float, sign):
+    """Entries where w * v is non-zero and has the elected sign."""
+    if w > 0:
+        return v * sign > 0
+    if w < 0:
+        return v * sign < 0
+    return v.new_zeros(v.shape, dtype=bool)
+
+
+def consensus(vectors, weights, keep, normalize: bool = True):
+    """sum_i w_i v_i [keep_i], divided by sum_i w_i [keep_i] when normalised (0 where no model is kept)."""
+    import torch
+
+    num = torch.zeros_like(vectors[0])
+    den = torch.zeros_like(vectors[0])
+    for v, w, k in zip(vectors, weights, keep):
+        kf = k.to(num.dtype)
+        num.addcmul_(v, kf, value=w)
+        den.add_(kf, alpha=w)
+    return num.div_(den.masked_fill_(den == 0, 1.0)) if normalize else num
+
+
+def majority_of(vector_chunks, weights) -> dict:
+    """Engine hook helper: the whole tensor's majority sign from its chunks' vectors."""
+    total = 0.0
+    for vs in vector_chunks:
+        total += float(vote(vs, weights).sum())
+    return {"majority": tensor_majority(total)}
+
+
+# ---------------------------------------------------------------- TIES and TIES-SV
+
+def prepare_ties(chunks, *, numel: int, density: float, weights, sign_tie: str = "positive", **_) -> dict:
+    """Engine hook: each task vector's trimming threshold over the whole tensor, and, for
+    merge.sign_tie=majority, the tensor's majority sign."""
+    n_models = len(next(iter(chunks()))[0])
+    k = keep_count(density, numel)
+    if k >= numel:
+        out = {"thresholds": [0.0] * n_models}  # keep everything
+    else:
+        def task_chunks():
+            return ([t - base for t in tensors] for tensors, base in chunks())
+
+        out = {"thresholds": magnitude_thresholds(task_chunks, [k] * n_models)}
+    if sign_tie == "majority":
+        out.update(majority_of((trimmed_task_vectors(tensors, base, density, out["thresholds"])[0]
+                                for tensors, base in chunks()), weights))
+    return out
+
+
+def ties_merge(tensors, base, *, weights, density, scale, sign_tie, normalize, thresholds, majority,
+               slack: float = 0.0, stats: dict | None = None):
+    """TIES; with slack > 0, TIES-SV's rescue of the SFT model's (models[0]) losing top-k entries."""
+    trimmed, masks = trimmed_task_vectors(tensors, base, density, thresholds)
+    sign = elect_sign(trimmed, weights, sign_tie, majority)
+    keep = [agrees(v, w, sign) for v, w in zip(trimmed, weights)]
+    if stats is not None:
+        sft = trimmed[0]
+        in_topk = masks[0] & (sft != 0)
+        rescued = in_topk & ~keep[0]
+        if slack > 0:
+            ct_max = trimmed[1].abs()
+            for v in trimmed[2:]:
+                ct_max = ct_max.maximum(v.abs())
+            rescued &= sft.abs() >= (1.0 - slack) * ct_max
+        else:  # slack 0 is plain TIES: nothing is rescued, not even at an exact tie
+            rescued.zero_()
+        keep[0] = keep[0] | rescued
+        stats["sft_topk"] = stats.get("sft_topk", 0) + int(in_topk.sum())
+        stats["sft_kept"] = stats.get("sft_kept", 0) + int((keep[0] & in_topk).sum())
+        stats["sft_rescued"] = stats.get("sft_rescued", 0) + int(rescued.sum())
+    return consensus(trimmed, weights, keep, normalize).mul_(scale).add_(base)
+
+
+@register("ties", params=("weights", "scale", "density", "sign_tie", "normalize"), needs_base=True,
+          prepare=prepare_ties)
+def ties(tensors, base, *, weights, density, scale=1.0, sign_tie="positive", normalize=True,
+         thresholds=None, majority=None):
+    return ties_merge(tensors, base, weights=weights, density=density, scale=scale, sign_tie=sign_tie,
+                      normalize=normalize, thresholds=thresholds, majority=majority)
