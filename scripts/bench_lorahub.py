@@ -67,7 +67,7 @@ def main() -> None:
     import torch
 
     from polyft.data.synthetic import generate
-    from polyft.merge.adapter_space import read_lora
+    from polyft.adapters.lora import read_lora
     from polyft.merge.lorahub import Composer, few_shot_batches, few_shot_loss
     from polyft.models.load import load_tokenizer
 

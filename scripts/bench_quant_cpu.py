@@ -22,8 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def seconds_per_step(quant: str, steps: int, r: int, root: Path) -> float:
     from transformers import TrainerCallback
 
-    from polyft.compose import compose
-    from polyft.train import build_model, plan, sft_config
+    from polyft.cli.compose import compose
+    from polyft.commands.train import build_model, plan, sft_config
     from polyft.data.formatting import tokenized_dataset
     from polyft.data.mixture import load_mixture
     from polyft.models.load import load_tokenizer

@@ -26,14 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def polyft_cfg(root: Path, steps: int, extra: list[str]):
-    from polyft.compose import compose
+    from polyft.cli.compose import compose
 
     return compose("train", [f"output_root={root}", "logger=none", f"train.max_steps={steps}",
                              f"train.save_steps={steps * 10}", *extra])
 
 
 def run_polyft(cfg, tag: str) -> dict:
-    from polyft.train import plan, train_and_save
+    from polyft.commands.train import plan, train_and_save
 
     p = plan(cfg)
     run_dir = Path(tempfile.mkdtemp(prefix=f"polyft-{tag}-"))

@@ -17,7 +17,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def composed(overrides, dirs=()):
-    from polyft.compose import compose
+    from polyft.cli.compose import compose
 
     return compose("train", list(overrides), with_hydra=True, dirs=list(dirs))
 

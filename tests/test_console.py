@@ -82,10 +82,10 @@ def test_multirun_points_each_log_into_their_own_run_dir(cli, tiny_llama_dir):
 
 def test_a_real_bug_still_shows_its_traceback(cli):
     """Not a user error: the traceback reaches stderr, and the log holds it too."""
-    code = ("import sys, polyft.train as t\n"
+    code = ("import sys, polyft.commands.train as t\n"
             "def broken(cfg, record):\n    raise RuntimeError('a real bug')\n"
             "t.command = broken\n"
-            "from polyft.cli import main\n"
+            "from polyft.cli.main import main\n"
             "sys.exit(main(['train', 'logger=none']))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=cli.cwd, capture_output=True, text=True)
     assert proc.returncode == 1

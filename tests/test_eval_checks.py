@@ -99,8 +99,8 @@ def test_suites_name_their_tasks_and_languages():
     """Every shipped suite resolves against lm-eval's task files; no tag, every task a language."""
     from omegaconf import OmegaConf
 
-    from polyft.compose import compose
-    from polyft.config import validate
+    from polyft.cli.compose import compose
+    from polyft.config.schema import validate
     from polyft.eval.specs import resolve_tasks
 
     expected = {"mgsm": 22, "xnli": 15, "xcopa": 11, "xstorycloze": 11, "xwinograd": 6, "pawsx": 7}

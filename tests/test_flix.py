@@ -187,7 +187,7 @@ def test_unseen_language_composes_the_task_alone(model, tmp_path):
 
 
 def test_report_groups_give_seen_and_held_out_rows():
-    from polyft.report import group_table, to_markdown
+    from polyft.commands.report import group_table, to_markdown
 
     def row(variant, task, lang, value, metric):
         return {"variant": variant, "model": variant, "task": task, "lang": lang, "metric": metric,

@@ -123,8 +123,8 @@ def test_bad_gguf_input_is_refused_before_anything_is_written(cli, tmp_path, not
 
 
 def test_model_path_on_a_tiny_preset_is_used_or_refused(cli, tiny_mistral_dir, tiny_gguf, tiny_gguf_dir):
-    from polyft.compose import compose
-    from polyft.train import plan
+    from polyft.cli.compose import compose
+    from polyft.commands.train import plan
 
     assert_refused(cli, "train", "model.path=/does/not/exist", words=["model.path=/does/not/exist"])
     assert plan(compose("train", [f"model.path={tiny_mistral_dir}"]), build_model=False).model_path == \

@@ -107,7 +107,7 @@ def measured_peak(cfg, model_path: str, steps: int = 2) -> float:
     import torch
     from peft import get_peft_model
 
-    from polyft.train import build_model
+    from polyft.commands.train import build_model
 
     torch.manual_seed(0)
     model, lora = build_model(cfg, model_path)
@@ -130,8 +130,8 @@ def measured_peak(cfg, model_path: str, steps: int = 2) -> float:
 
 
 def _compare(model_dir, overrides: list[str]):
-    from polyft.compose import compose
-    from polyft.plan import estimate
+    from polyft.cli.compose import compose
+    from polyft.commands.plan import estimate
 
     cfg = compose("plan", ["plan.device=cpu", f"model.path={model_dir}", *overrides])
     est = estimate(cfg).peak

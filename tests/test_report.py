@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 
-from polyft.report import build_tables, task_family, to_csv, to_latex, to_markdown, write_report
+from polyft.commands.report import build_tables, task_family, to_csv, to_latex, to_markdown, write_report
 
 
 def row(variant, task, lang, value, metric="exact_match", point=None):

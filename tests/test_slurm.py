@@ -61,8 +61,8 @@ def test_train_sweep_on_slurm_with_resources_from_the_plan(cli, slurm_cluster):
     assert len(products) == 2 and all((Path(cli.cwd) / p / "adapter_config.json").is_file() or
                                       Path(p, "adapter_config.json").is_file() for p in products)
     # each point was submitted with the memory its plan asked for
-    from polyft.compose import compose
-    from polyft.plan import fit_resources
+    from polyft.cli.compose import compose
+    from polyft.commands.plan import fit_resources
 
     scripts = sorted(sweep.glob(".submitit/*/*_submission.sh"))
     asked = {re.search(r"--mem=(\d+)GB", s.read_text()).group(1) for s in scripts}

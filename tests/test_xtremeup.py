@@ -53,7 +53,7 @@ def release(tmp_path) -> Path:
 
 
 def source(root: Path, task: str, langs=(), **kw):
-    from polyft.config import SourceConfig
+    from polyft.config.schema import SourceConfig
 
     return SourceConfig(type="xtremeup", path=str(root), task=task, langs=list(langs), **kw)
 
@@ -90,8 +90,8 @@ def test_reader_rows_prompts_and_features(release):
 def test_mixture_rows_carry_lang_and_task(release):
     from omegaconf import OmegaConf
 
-    from polyft.compose import compose
-    from polyft.config import validate
+    from polyft.cli.compose import compose
+    from polyft.config.schema import validate
     from polyft.data.mixture import load_mixture
 
     cfg = compose("train", ["data=xtremeup", f"eval.xtremeup_root={release}",
@@ -223,7 +223,7 @@ def test_eval_suite_scores_every_task_and_language(cli, release, tiny_llama_dir)
 def test_specs_carry_lang_and_task_feature():
     from omegaconf import OmegaConf
 
-    from polyft.compose import compose
+    from polyft.cli.compose import compose
     from polyft.eval.specs import resolve_tasks
 
     cfg = compose("eval", ["eval=xtremeup", "eval.langs=[sw]"])

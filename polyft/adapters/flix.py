@@ -396,7 +396,7 @@ def peft_config(cfg: FlixConfig, rank: int, base: str | None) -> dict:
 
 def compose_to_peft(directory, feature_set: dict, out_dir, base: str | None = None, key: str = "merge.adapter"):
     """Write the PEFT LoRA of one (resolved) feature set of the FLix adapter at `directory`."""
-    from polyft.merge.adapter_space import write_lora
+    from polyft.adapters.lora import write_lora
 
     cfg, tensors = read(directory, key)
     factors = compose_factors(cfg, tensors, feature_set)

@@ -68,7 +68,7 @@ def product_key(cfg, resolve) -> dict:
 
 def build(cfg, out_dir: Path, resolve) -> dict:
     from polyft.adapters.flix import compose_to_peft
-    from polyft.merge.adapter_space import copy_tokenizer
+    from polyft.adapters.lora import copy_tokenizer
 
     directory = adapter_dir(cfg, resolve)
     fs, notices = feature_set(cfg, directory)

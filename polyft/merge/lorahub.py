@@ -63,7 +63,7 @@ def _base_identity(ref: str) -> str:
 
 def resolve_inputs(cfg, resolve) -> Inputs:
     """The adapter directories, after the rules that make their sum well defined."""
-    from polyft.merge.adapter_space import WEIGHTS_FILE, read_lora_config
+    from polyft.adapters.lora import WEIGHTS_FILE, read_lora_config
     from polyft.merge.io import read_header
 
     m = cfg.merge
@@ -130,7 +130,7 @@ def resolve_inputs(cfg, resolve) -> Inputs:
 def _data_config(node):
     from omegaconf import OmegaConf
 
-    from polyft.config import DataConfig, _check_data
+    from polyft.config.schema import DataConfig, _check_data
 
     dc = OmegaConf.merge(OmegaConf.structured(DataConfig), node)
     _check_data(dc)
@@ -140,7 +140,7 @@ def _data_config(node):
 def _data_option(name: str, config_dirs=()):
     from omegaconf import OmegaConf
 
-    from polyft.config import option_file
+    from polyft.config.schema import option_file
 
     f = option_file("data", name, config_dirs)
     return OmegaConf.load(f) if f is not None else None
@@ -190,7 +190,7 @@ def tokenizer_dir(inputs) -> Path:
 
 
 def check(cfg, resolve) -> None:
-    from polyft.config import _check_lorahub
+    from polyft.config.schema import _check_lorahub
     from polyft.data.formatting import check_chat_template
     from polyft.runs import config_hash, read_manifest
 
@@ -389,7 +389,7 @@ def build(cfg, out_dir: Path, resolve) -> dict:
     """Search the weights on the few-shot rows, then write the composed LoRA into out_dir."""
     import torch
 
-    from polyft.merge.adapter_space import copy_tokenizer, read_lora, write_lora
+    from polyft.adapters.lora import copy_tokenizer, read_lora, write_lora
     from polyft.models.load import load_tokenizer
 
     m = cfg.merge

@@ -32,11 +32,11 @@ def resolve_ref(cfg, ref, build: bool = True) -> Path:
 
         return Path(resolve_model_path(cfg.model, cfg.output_root, cfg.offline, build=build))
     if ref in cfg.experts:
-        from polyft.train import expert_product
+        from polyft.commands.train import expert_product
 
         return expert_product(cfg, ref)
     if cfg.experts or cfg.baselines:
-        from polyft.experiment import merge_cfg, merge_names
+        from polyft.config.experiment import merge_cfg, merge_names
 
         if ref in merge_names(cfg):
             found = find_merged(merge_cfg(cfg, ref))
@@ -47,7 +47,7 @@ def resolve_ref(cfg, ref, build: bool = True) -> Path:
     if path.exists():
         return path.resolve()
     if cfg.experts or cfg.baselines:
-        from polyft.experiment import merge_names
+        from polyft.config.experiment import merge_names
 
         known = ", ".join(["base", *cfg.experts, *merge_names(cfg)])
         raise PolyftError(f"{ref}: no such path, and not one of exp={exp}'s models ({known})")
@@ -56,7 +56,7 @@ def resolve_ref(cfg, ref, build: bool = True) -> Path:
 
 def find_merged(cfg) -> Path | None:
     """The store's product of the merge `cfg.merge`, if made (its inputs must exist)."""
-    from polyft.merge import adapter_space
+    from polyft.adapters import lora as adapter_space
 
     if adapter_space.is_adapter_method(cfg.merge.method):
         key = adapter_space.method_module(cfg.merge.method).product_key(cfg, resolve_ref)
@@ -154,7 +154,8 @@ def _check_dir(key: str, path: Path, allow_pickle: bool) -> None:
 def check(cfg) -> None:
     """Everything that can be refused before a file is written: refs, checkpoint kinds,
     architecture, tensor names, shapes and dtypes, vocabularies, swap depths, output_dir."""
-    from polyft.merge import adapter_space, engine, io
+    from polyft.adapters import lora as adapter_space
+    from polyft.merge import engine, io
 
     if adapter_space.is_adapter_method(cfg.merge.method):
         return adapter_space.check(cfg, resolve_ref)
@@ -234,7 +235,7 @@ def _same_product(target: Path, key: dict) -> Path | None:
 
 
 def command(cfg, record) -> None:
-    from polyft.merge import adapter_space
+    from polyft.adapters import lora as adapter_space
     from polyft.merge.engine import merge_models
 
     if adapter_space.is_adapter_method(cfg.merge.method):

@@ -19,12 +19,12 @@ from polyft import console
 from polyft.errors import PolyftError
 
 HANDLERS = {
-    "train": "polyft.train",
-    "merge": "polyft.merge.command",
-    "eval": "polyft.eval.command",
-    "run": "polyft.run",
-    "report": "polyft.report",
-    "plan": "polyft.plan",
+    "train": "polyft.commands.train",
+    "merge": "polyft.commands.merge",
+    "eval": "polyft.commands.eval",
+    "run": "polyft.commands.run",
+    "report": "polyft.commands.report",
+    "plan": "polyft.commands.plan",
 }
 USAGE = """usage: polyft COMMAND [+exp=NAME] [group=option ...] [key=value ...] [-m]
 
@@ -86,7 +86,7 @@ def handler_for(cfg):
     """The module (or stage) with `check(cfg)` and `command(cfg, record)` for this run.
     Under an experiment, merge and eval act on all of the experiment's models."""
     if cfg.command in ("merge", "eval") and (cfg.experts or cfg.baselines):
-        return importlib.import_module("polyft.run").STAGES[cfg.command]
+        return importlib.import_module("polyft.commands.run").STAGES[cfg.command]
     return importlib.import_module(HANDLERS[cfg.command])
 
 
@@ -98,11 +98,11 @@ def check_launcher(cfg) -> None:
     ours = "polyft_launchers" in str(launcher.get("_target_"))
     if not ours and not cfg.resources:
         return
-    from polyft.launchers import check_launcher as check_values
+    from polyft.cli.launchers import check_launcher as check_values
 
     check_values(launcher, resources=dict(cfg.resources))
     if cfg.plan.fit and ours:
-        from polyft.plan import fit_resources
+        from polyft.commands.plan import fit_resources
 
         fit_resources(cfg, launcher)  # a point that fits no GPU is refused here, not at submission
 
@@ -114,8 +114,8 @@ def preflight(command: str, overrides: list[str], dirs: list, multirun: bool, fi
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from polyft.compose import compose, explain
-    from polyft.experiment import validate_run
+    from polyft.cli.compose import compose, explain
+    from polyft.config.experiment import validate_run
 
     try:
         points = sweep_points(overrides, multirun) if multirun else [overrides]
@@ -174,7 +174,7 @@ def run_command(cfg) -> None:
     """Hydra's task function: one run directory, one run.json, one command."""
     from hydra.core.hydra_config import HydraConfig
 
-    from polyft.config import to_container, validate
+    from polyft.config.schema import to_container, validate
     from polyft.runs import RunRecord
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -194,14 +194,14 @@ def run_command(cfg) -> None:
 
 
 def plan_command(args: list[str]) -> int:
-    """`polyft plan ...`: compose each point as the sweep would and print polyft.plan's table
+    """`polyft plan ...`: compose each point as the sweep would and print polyft.commands.plan's table
     (here, not in plan.py, because it composes configs as the other commands do)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from polyft.compose import command_line, compose, explain
-    from polyft.experiment import validate_run
-    from polyft.plan import USAGE, estimates, table
+    from polyft.cli.compose import command_line, compose, explain
+    from polyft.config.experiment import validate_run
+    from polyft.commands.plan import USAGE, estimates, table
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
@@ -247,7 +247,7 @@ def run_cli(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    from polyft.config import COMMANDS
+    from polyft.config.schema import COMMANDS
 
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
@@ -257,7 +257,7 @@ def run_cli(args: list[str]) -> int:
             return plan_command(rest)
         except PolyftError as exc:
             fail(str(exc))
-    from polyft.compose import command_line
+    from polyft.cli.compose import command_line
 
     overrides, flags = split_args(rest)
     multirun = "-m" in flags or "--multirun" in flags
@@ -274,7 +274,7 @@ def run_cli(args: list[str]) -> int:
         configs = preflight(command, overrides, dirs, multirun)
     except PolyftError as exc:
         fail(str(exc))
-    from polyft.compose import hydra_app
+    from polyft.cli.compose import hydra_app
 
     if not multirun:
         run_single(configs[0])  # the run's own console window (console.job) takes over preflight's
@@ -292,8 +292,8 @@ def hydra_main(command: str, overrides: list[str], flags: list[str], dirs: list)
     import hydra
     from hydra.core.global_hydra import GlobalHydra
 
-    from polyft.compose import CONF_DIR
-    from polyft.config import register_configs
+    from polyft.cli.compose import CONF_DIR
+    from polyft.config.schema import register_configs
 
     console.pause()
     register_configs()
@@ -311,7 +311,7 @@ def hydra_main(command: str, overrides: list[str], flags: list[str], dirs: list)
 
 def sweep_status() -> int:
     """1 when sweep points failed under polyft's submitit launchers (each was printed with its log)."""
-    launchers = sys.modules.get("polyft.launchers")
+    launchers = sys.modules.get("polyft.cli.launchers")
     if launchers is None or not launchers.FAILED:
         return 0
     print(f"polyft: {len(launchers.FAILED)} sweep point(s) failed; their logs are named above", file=sys.stderr)

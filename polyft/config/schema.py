@@ -18,7 +18,7 @@ from polyft.errors import ConfigError
 from polyft.models.tiny import TinySpec
 
 COMMANDS = ("train", "merge", "eval", "run", "report", "plan")
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # the shipped options; users add theirs (polyft.compose)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the shipped options; users add theirs (polyft.cli.compose)
 
 
 # The tiny offline model's spec is its config group entry (`model.tiny`).
@@ -387,8 +387,8 @@ def _check_train(t) -> None:
 
 
 def _check_merge(m) -> None:
-    """Choices and ranges of the merge group; polyft.merge.command.check does the files."""
-    from polyft.merge import adapter_space
+    """Choices and ranges of the merge group; polyft.commands.merge.check does the files."""
+    from polyft.adapters import lora as adapter_space
     from polyft.merge.io import parse_size
     from polyft.merge.registry import names
 
@@ -447,7 +447,7 @@ def _check_lorahub(m) -> None:
 
 
 def _check_eval(e) -> None:
-    """Rules for the eval group (task names, languages, models and data: polyft.eval.command)."""
+    """Rules for the eval group (task names, languages, models and data: polyft.commands.eval)."""
     _choice("eval.backend", e.backend, ("hf", "vllm"))
     bs = e.batch_size
     factor = bs[5:] if isinstance(bs, str) and bs.startswith("auto:") else "1"
@@ -509,7 +509,7 @@ def _check_flix_data(cfg) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules for the groups the command uses. Raises ConfigError (one line).
-    An experiment's structure (experts, merges, refs) is polyft.experiment.validate_run's."""
+    An experiment's structure (experts, merges, refs) is polyft.config.experiment.validate_run's."""
     _choice("command", cfg.command, COMMANDS)
     _choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
     _choice("model.chat_template", cfg.model.chat_template, ("model", "plain"))

@@ -19,8 +19,8 @@ from polyft.errors import PolyftError
 
 def check(cfg) -> None:
     """Refuse an experiment that cannot run, before anything is written."""
-    from polyft import train
-    from polyft.config import option_names
+    from polyft.commands import train
+    from polyft.config.schema import option_names
 
     if not cfg.exp_name:
         raise PolyftError("polyft run needs an experiment: +exp=NAME; available: "
@@ -29,7 +29,7 @@ def check(cfg) -> None:
 
 
 def _eval_stage_cfg(cfg):
-    from polyft.experiment import eval_models
+    from polyft.config.experiment import eval_models
 
     stage = copy.deepcopy(cfg)
     with open_dict(stage):
@@ -42,16 +42,16 @@ class MergeStage:
 
     @staticmethod
     def check(cfg) -> None:
-        from polyft.experiment import merge_cfg, merge_names
-        from polyft.merge import command as merge_command
+        from polyft.config.experiment import merge_cfg, merge_names
+        from polyft.commands import merge as merge_command
 
         for name in merge_names(cfg):
             merge_command.check(merge_cfg(cfg, name))
 
     @staticmethod
     def command(cfg, record) -> None:
-        from polyft.experiment import merge_cfg, merge_names
-        from polyft.merge import command as merge_command
+        from polyft.config.experiment import merge_cfg, merge_names
+        from polyft.commands import merge as merge_command
 
         for name in merge_names(cfg):
             merge_command.command(merge_cfg(cfg, name), record)
@@ -62,13 +62,13 @@ class EvalStage:
 
     @staticmethod
     def check(cfg) -> None:
-        from polyft.eval import command as eval_command
+        from polyft.commands import eval as eval_command
 
         eval_command.check(_eval_stage_cfg(cfg))
 
     @staticmethod
     def command(cfg, record, show_rows: bool = True) -> None:
-        from polyft.eval import command as eval_command
+        from polyft.commands import eval as eval_command
 
         eval_command.command(_eval_stage_cfg(cfg), record, show_rows)
 
@@ -77,7 +77,7 @@ STAGES = {"merge": MergeStage, "eval": EvalStage}
 
 
 def command(cfg, record) -> None:
-    from polyft import report, train
+    from polyft.commands import report, train
 
     train.command(cfg, record)
     MergeStage.command(cfg, record)

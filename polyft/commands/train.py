@@ -103,7 +103,7 @@ def init_identity(cfg) -> dict:
     """What a continued LoRA starts from: an expert (by its product hash) or an adapter dir."""
     ref = cfg.adapter.init_from
     if ref in cfg.experts:
-        from polyft.experiment import expert_cfg
+        from polyft.config.experiment import expert_cfg
 
         return {"expert": ref, "hash": config_hash(plan(expert_cfg(cfg, ref), build_model=False).key)}
     m = read_manifest(ref) or {}
@@ -117,7 +117,7 @@ def init_dir(cfg) -> str:
 
 def expert_product(cfg, name: str) -> Path:
     """The trained product of expert `name` of the experiment `cfg`, or one line saying how to make it."""
-    from polyft.experiment import expert_cfg
+    from polyft.config.experiment import expert_cfg
 
     found = existing_product(plan(expert_cfg(cfg, name)))
     if found is None:
@@ -154,8 +154,8 @@ def _check_targets(cfg, model_path: str) -> None:
 def check(cfg) -> None:
     """Everything that can be refused before a directory is made (each expert, if any)."""
     if cfg.experts:
-        from polyft.config import validate
-        from polyft.experiment import expert_cfg
+        from polyft.config.schema import validate
+        from polyft.config.experiment import expert_cfg
 
         for name in ([cfg.expert] if cfg.expert else list(cfg.experts)):
             ecfg = expert_cfg(cfg, name)
@@ -422,7 +422,7 @@ def relaunch(cfg, run_dir: Path) -> dict:
     conf_file, result = run_dir / "train_config.yaml", run_dir / "train_result.json"
     OmegaConf.save(cfg, conf_file, resolve=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={cfg.train.num_processes}", "-m", "polyft.train", str(conf_file), str(result)]
+           f"--nproc_per_node={cfg.train.num_processes}", "-m", "polyft.commands.train", str(conf_file), str(result)]
     proc = subprocess.run(cmd, env={**os.environ, "POLYFT_WORKER": "1"})
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"distributed training failed (exit {proc.returncode}); see the log in {run_dir}")
@@ -432,7 +432,7 @@ def relaunch(cfg, run_dir: Path) -> dict:
 def command(cfg, record) -> None:
     """Train the configured model, or each expert of an experiment (`expert=NAME`: one)."""
     if cfg.experts:
-        from polyft.experiment import expert_cfg
+        from polyft.config.experiment import expert_cfg
 
         for name in ([cfg.expert] if cfg.expert else list(cfg.experts)):
             train_one(expert_cfg(cfg, name), record)
@@ -471,7 +471,7 @@ def train_one(cfg, record) -> None:
 
 
 def _worker(conf_file: str, result_file: str) -> None:
-    from polyft.config import RootConfig
+    from polyft.config.schema import RootConfig
 
     cfg = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(conf_file))
     summary = train_and_save(cfg, plan(cfg), Path(result_file).parent)

@@ -12,7 +12,7 @@ A method module defines
     product_key(cfg, resolve) -> dict  what determines the product (params + input identity)
     build(cfg, out_dir, resolve) -> dict  write adapter_config.json + adapter_model.safetensors
                                        into out_dir; return {"manifest": {...}, "metrics": {...}}
-where resolve(cfg, ref) -> Path is polyft.merge.command.resolve_ref (base, expert, merge or
+where resolve(cfg, ref) -> Path is polyft.commands.merge.resolve_ref (base, expert, merge or
 path), passed in so that the methods sit below the command that dispatches to them.
 and this module does the rest: the artifact store (lock, reuse, atomic rename), run.json.
 LoRA files are read and written here, so every method shares one format.

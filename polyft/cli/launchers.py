@@ -4,7 +4,7 @@ What they add to hydra-submitit-launcher, whose presets are conf/hydra/launcher/
 - each point gets its own resources: the run key `resources` overrides launcher values per
   point (`-m +resources.mem_gb=8,32`; Hydra refuses to sweep hydra.* keys), and with
   `plan.fit=true` mem_gb/gres come from the point's memory estimate
-  (polyft.plan.fit_resources); points with the same resources share one job array;
+  (polyft.commands.plan.fit_resources); points with the same resources share one job array;
 - no GPU is asked for unless gpus_per_node > 0, so the defaults run on a CPU-only cluster;
 - a point that fails (an error, or killed by the cluster: memory, time) is reported with
   its log path once every point has ended, instead of stopping the sweep at the first
@@ -125,7 +125,7 @@ class _PerPointLauncher:
             point = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             launcher = OmegaConf.to_container(point.hydra.launcher, resolve=True)
             if point.plan.fit:
-                from polyft.plan import fit_resources
+                from polyft.commands.plan import fit_resources
 
                 launcher.update(fit_resources(point, launcher))
             launcher.update(OmegaConf.to_container(point.resources, resolve=True))

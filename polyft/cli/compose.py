@@ -9,7 +9,7 @@ A user's option may not take the name of a shipped one (it would be shadowed, si
 
 Composition goes through Hydra's config loader once per run point, with the hydra node, so
 that the config that is validated is the config that runs (or comes back from
-polyft.compose_cache). Uses hydra._internal (pinned hydra-core 1.3.8): the public compose API
+polyft.cli.compose_cache). Uses hydra._internal (pinned hydra-core 1.3.8): the public compose API
 takes one config directory only."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from polyft.config import CONF_DIR
+from polyft.config.schema import CONF_DIR
 from polyft.errors import PolyftError
 
 GROUPS = ("model", "adapter", "quant", "data", "train", "logger", "merge", "eval", "exp")
@@ -86,7 +86,7 @@ def source_overrides(overrides: list[str]) -> list[str]:
     replaces it as a whole. Hydra cannot assign a new mapping to one entry of a mapping of
     dataclasses, but it can merge one into the mapping: so the override becomes three that
     make NAME exist, delete it and add it fresh, and the result is the same either way."""
-    from polyft.config import SourceConfig
+    from polyft.config.schema import SourceConfig
 
     out = []
     for o in overrides:
@@ -130,7 +130,7 @@ def hydra_app(command: str, dirs: list[Path]):
         from hydra._internal.utils import create_config_search_path
         from hydra.core.config_search_path import SearchPathQuery
 
-        from polyft.config import register_configs
+        from polyft.config.schema import register_configs
 
         register_configs()
         search_path = create_config_search_path(f"file://{CONF_DIR}")
@@ -146,11 +146,11 @@ def hydra_app(command: str, dirs: list[Path]):
 def compose(command: str, overrides: list[str], with_hydra: bool = False, dirs: list[Path] | None = None):
     """The config of one run point as Hydra composes it for running it (hydra.* overrides
     included); `with_hydra` keeps the hydra node (run dir, launcher, callbacks). A command
-    line composed before against the same files comes from polyft.compose_cache."""
+    line composed before against the same files comes from polyft.cli.compose_cache."""
     from hydra.types import RunMode
     from omegaconf import open_dict, read_write
 
-    from polyft import compose_cache
+    from polyft.cli import compose_cache
 
     dirs = list(dirs) if dirs is not None else user_config_dirs(None, overrides)
     full = [f"command={command}", *overrides]
@@ -185,7 +185,7 @@ def schema_keys(dotted: str) -> list[str] | None:
     """Allowed keys under a config path such as 'adapter', from the dataclass schemas."""
     import dataclasses
 
-    from polyft.config import RootConfig
+    from polyft.config.schema import RootConfig
 
     node = RootConfig
     for part in [p for p in dotted.split(".") if p]:

@@ -17,7 +17,7 @@ Peak = weights + adapter + optimizer + max(activations + loss, gradients) + over
 (1 GiB of CUDA context and workspace on a GPU). tests/test_plan.py checks it against the
 measured peak of real CPU training steps.
 
-`plan.fit=true` under the SLURM launcher: polyft.launchers calls `fit_resources` for every
+`plan.fit=true` under the SLURM launcher: polyft.cli.launchers calls `fit_resources` for every
 point and submits it with the mem_gb (and gres) it returns.
 """
 
@@ -165,7 +165,7 @@ def estimate(cfg, name: str = "") -> Estimate:
         shapes = arch.shapes()
         r = cfg.adapter.r
         if cfg.adapter.type == "flix":  # a LoRA per value: the summed rank (the values come from the data)
-            from polyft.train import flix_total_rank
+            from polyft.commands.train import flix_total_rank
 
             r = flix_total_rank(cfg)
         trainable = arch.layers * sum(r * (shapes[m][0] + shapes[m][1])
@@ -193,8 +193,8 @@ def estimates(cfg) -> list[Estimate]:
     """One estimate per model the run trains (each expert of an experiment)."""
     if not cfg.experts:
         return [estimate(cfg, cfg.model.name)]
-    from polyft.config import validate
-    from polyft.experiment import expert_cfg
+    from polyft.config.schema import validate
+    from polyft.config.experiment import expert_cfg
 
     out = []
     for name in ([cfg.expert] if cfg.expert else list(cfg.experts)):

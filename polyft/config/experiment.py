@@ -5,7 +5,7 @@ An experiment (`conf/exp/NAME.yaml`, `# @package _global_`) overrides groups and
     merge:     the experiment's main merge (the one a sweep varies), named by merge.name
     baselines: {soup: {method: linear, models: [math, lang]}, ...}
 A ref in merge.models / eval.models is `base`, an expert name, a merge name or a path;
-polyft.merge.command.resolve_ref turns it into a directory (this module reads no products).
+polyft.commands.merge.resolve_ref turns it into a directory (this module reads no products).
 
 Layers: config (schemas, group rules) < experiment (structure) < train < merge < eval < run < cli.
 """
@@ -25,7 +25,7 @@ GROUPS = ("model", "adapter", "quant", "data", "train")
 def _group_node(cfg: DictConfig, group: str, value):
     """An expert may name a group option (`data: demo_math`) or give it inline."""
     if isinstance(value, str):
-        from polyft.config import option_file, option_names
+        from polyft.config.schema import option_file, option_names
 
         f = option_file(group, value, cfg.config_dirs)
         if f is None:
@@ -112,7 +112,7 @@ def merge_cfg(cfg: DictConfig, name: str) -> DictConfig:
     if name == main_merge_name(cfg) and name not in cfg.baselines:
         return cfg
     out = copy.deepcopy(cfg)
-    from polyft.config import MergeConfig
+    from polyft.config.schema import MergeConfig
 
     out.merge = OmegaConf.merge(OmegaConf.structured(MergeConfig), cfg.baselines[name], {"name": name})
     return out
@@ -129,7 +129,7 @@ def _check_swap_depth(cfg: DictConfig, m, where: str) -> None:
     """A layer swap of two experts fits their depth, known before they are trained (from the
     tiny spec, the preset's num_layers or a local config.json): a sweep point that cannot be
     merged is refused before the experts train, not after."""
-    from polyft.config import model_layer_count
+    from polyft.config.schema import model_layer_count
 
     if m.method != "layer_swap" or m.middle not in cfg.experts:
         return
@@ -142,7 +142,7 @@ def _check_swap_depth(cfg: DictConfig, m, where: str) -> None:
 
 def validate_experiment(cfg: DictConfig) -> None:
     """Structure only (no files): experts compose and validate, refs name something produced."""
-    from polyft.config import validate
+    from polyft.config.schema import validate
 
     produced = {"base"}
     for name in cfg.experts:
@@ -179,7 +179,7 @@ def validate_experiment(cfg: DictConfig) -> None:
 def validate_run(cfg: DictConfig) -> None:
     """validate() of the groups, then, for an experiment, of its structure: what a command
     checks before it reads any file."""
-    from polyft.config import validate
+    from polyft.config.schema import validate
 
     validate(cfg)
     if cfg.experts or cfg.baselines:

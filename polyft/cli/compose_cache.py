@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-SCHEMA_FILES = (ROOT / "config.py", ROOT / "launchers.py")
+SCHEMA_FILES = (ROOT.parent / "config" / "schema.py", ROOT / "launchers.py")
 KEEP = 400  # entries; the oldest are removed beyond this
 
 

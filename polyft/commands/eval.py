@@ -38,8 +38,8 @@ KIND = "eval"
 
 def resolve_ref(cfg, ref: str, build: bool = True) -> str:
     """The directory (or hub id, for `base`) a model reference names: base, an expert or a
-    merge of the experiment, or a path (polyft.merge.command.resolve_ref)."""
-    from polyft.merge.command import resolve_ref as model_ref
+    merge of the experiment, or a path (polyft.commands.merge.resolve_ref)."""
+    from polyft.commands.merge import resolve_ref as model_ref
 
     try:
         return str(model_ref(cfg, ref, build=build))

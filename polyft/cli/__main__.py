@@ -1,0 +1,5 @@
+import sys
+
+from polyft.cli.main import main
+
+sys.exit(main())
