@@ -24,6 +24,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 LOG_NAME = "polyft.log"
@@ -194,18 +195,6 @@ def train_bar():
     return TrainBar()
 
 
-def _point() -> str | None:
-    """`#N overrides` of a sweep point (None outside a sweep)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    job = HydraConfig.get().job
-    task = [o for o in HydraConfig.get().overrides.task if not o.startswith("command=")]
-    return f"#{job.num} {' '.join(task)}".strip()
-
-
 def summary(cfg, point: str | None = None) -> list[str]:
     """The composed config in a few lines: what this command is about to do."""
     c = cfg.command
@@ -234,24 +223,22 @@ def summary(cfg, point: str | None = None) -> list[str]:
 
 
 @contextlib.contextmanager
-def job(run_dir: Path, cfg, record=None):
-    """One run: its log file (with what preflight captured), the summary first, where the
-    records are last."""
+def job(run_dir: Path, cfg, record=None, point: str | None = None):
+    """One run (`point`: `#N overrides` of a sweep point): its log file (with what preflight
+    captured), the summary first, where the records are last."""
     global _verbose
     _verbose = _verbose or bool(cfg.get("verbose", False))
     _close()
     _open(Path(run_dir) / LOG_NAME)
     if record is not None:
         record.extra["log"] = LOG_NAME
-    for line in summary(cfg, _point()):
+    for line in summary(cfg, point):
         echo(line)
     try:
         yield
         echo(f"polyft: records in {run_dir}: run.json, {LOG_NAME}")
     except BaseException as exc:
         if not isinstance(exc, SystemExit):
-            import traceback
-
             traceback.print_exc()  # into the log; Hydra prints it on the terminal afterwards
             echo(f"polyft: failed; the log is {Path(run_dir) / LOG_NAME}", err=True)
         raise

@@ -20,8 +20,9 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from polyft.errors import PolyftError
 
@@ -60,8 +61,6 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> tuple:
-    from importlib import metadata
-
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -114,9 +113,27 @@ class ArtifactStore:
     def path_for(self, kind: str, name: str, key: dict) -> Path:
         return self.root / kind / f"{name}-{config_hash(key)}"
 
-    def find(self, kind: str, name: str, key: dict) -> Path | None:
+    def find(self, kind: str, name: str, key: dict, target: str | os.PathLike | None = None) -> Path | None:
+        """The product if it is built: at `target` (an output_dir, holding this key's hash)
+        or in the store."""
+        if target is not None:
+            manifest = read_manifest(target)
+            return Path(target) if manifest and manifest.get("hash") == config_hash(key) else None
         path = self.path_for(kind, name, key)
         return path if read_manifest(path) else None
+
+    def obtain(self, kind: str, name: str, key: dict, make: Callable[["Build"], Any],
+               target: str | os.PathLike | None = None) -> "Obtained":
+        """The one find-or-build: under the product's lock, reuse it if built, else make(build)
+        writes it into build.dir (and adds to build.manifest), which is renamed into place
+        only once make returns."""
+        with self.lock(kind, name, key):
+            found = self.find(kind, name, key, target)
+            if found is not None:
+                return Obtained(found, True)
+            with self.build(kind, name, key, target=target) as build:
+                result = make(build)
+            return Obtained(build.dir, False, result)
 
     def work_dir(self, kind: str, name: str, key: dict) -> Path:
         """A persistent scratch directory (checkpoints) that survives a killed job."""
@@ -160,6 +177,13 @@ class ArtifactStore:
 class Build:
     dir: Path
     manifest: dict = field(default_factory=dict)
+
+
+@dataclass
+class Obtained:
+    path: Path
+    reused: bool
+    result: Any = None  # what `make` returned (None when reused)
 
 
 @dataclass

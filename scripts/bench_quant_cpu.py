@@ -23,7 +23,8 @@ def seconds_per_step(quant: str, steps: int, r: int, root: Path) -> float:
     from transformers import TrainerCallback
 
     from polyft.cli.compose import compose
-    from polyft.commands.train import build_model, plan, sft_config
+    from polyft.products import train_plan
+    from polyft.training import build_model, sft_config
     from polyft.data.formatting import tokenized_dataset
     from polyft.data.mixture import load_mixture
     from polyft.models.load import load_tokenizer
@@ -33,7 +34,7 @@ def seconds_per_step(quant: str, steps: int, r: int, root: Path) -> float:
     cfg = compose("train", [f"output_root={root}", "model=smollm2-135m", "logger=none", "adapter=lora",
                             f"adapter.r={r}", f"quant={quant}", "data=demo_maple", "train=smollm2_lora",
                             f"train.max_steps={steps + 1}", f"train.save_steps={100 * steps}"])
-    p = plan(cfg)
+    p = train_plan(cfg)
     tok = load_tokenizer(p.model_path, False, None)
     dataset, _ = tokenized_dataset(load_mixture(cfg.data, True), tok, root)
     model, peft_config = build_model(cfg, p.model_path)

@@ -33,16 +33,17 @@ def polyft_cfg(root: Path, steps: int, extra: list[str]):
 
 
 def run_polyft(cfg, tag: str) -> dict:
-    from polyft.commands.train import plan, train_and_save
-
-    p = plan(cfg)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"polyft-{tag}-"))
-    t = time.perf_counter()
-    summary = train_and_save(cfg, p, run_dir)
-    summary["wall_s"] = time.perf_counter() - t
     import shutil
 
-    shutil.rmtree(summary["artifact"], ignore_errors=True)  # the next repeat trains again
+    from polyft.products import train_plan
+    from polyft.training import train
+
+    p = train_plan(cfg)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"polyft-{tag}-"))
+    t = time.perf_counter()
+    summary = train(cfg, p.model_path, run_dir / "work", run_dir / "product", run_dir)
+    summary["wall_s"] = time.perf_counter() - t
+    shutil.rmtree(run_dir, ignore_errors=True)  # the next repeat trains again
     return summary
 
 

@@ -100,7 +100,7 @@ def test_suites_name_their_tasks_and_languages():
     from omegaconf import OmegaConf
 
     from polyft.cli.compose import compose
-    from polyft.config.schema import validate
+    from polyft.config.rules import validate
     from polyft.eval.specs import resolve_tasks
 
     expected = {"mgsm": 22, "xnli": 15, "xcopa": 11, "xstorycloze": 11, "xwinograd": 6, "pawsx": 7}

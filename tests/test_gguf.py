@@ -124,13 +124,13 @@ def test_bad_gguf_input_is_refused_before_anything_is_written(cli, tmp_path, not
 
 def test_model_path_on_a_tiny_preset_is_used_or_refused(cli, tiny_mistral_dir, tiny_gguf, tiny_gguf_dir):
     from polyft.cli.compose import compose
-    from polyft.commands.train import plan
+    from polyft.products import train_plan
 
     assert_refused(cli, "train", "model.path=/does/not/exist", words=["model.path=/does/not/exist"])
-    assert plan(compose("train", [f"model.path={tiny_mistral_dir}"]), build_model=False).model_path == \
+    assert train_plan(compose("train", [f"model.path={tiny_mistral_dir}"]), build_model=False).model_path == \
         str(tiny_mistral_dir)
     cfg = compose("train", [f"model.path={tiny_gguf}", f"output_root={tiny_gguf_dir.parents[1]}"])
-    assert plan(cfg).model_path == str(tiny_gguf_dir)
+    assert train_plan(cfg).model_path == str(tiny_gguf_dir)
 
 
 def test_training_a_gguf_model_uses_the_converted_directory(cli, tiny_gguf, tiny_gguf_dir):

@@ -11,9 +11,24 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "polyft"
 # Lowest first. A module may import from its own layer and the layers below.
-COMMANDS = ("polyft.commands.train", "polyft.commands.merge", "polyft.commands.eval", "polyft.commands.run", "polyft.commands.report",
-            "polyft.commands.plan", "polyft.cli.launchers", "polyft.cli")
-BELOW_COMMANDS = ("polyft.config.schema", "polyft.config.experiment")
+LAYERS = (
+    ("base", ("polyft", "polyft.errors", "polyft.console", "polyft.checks", "polyft.runs")),
+    ("libraries", ("polyft.data", "polyft.models", "polyft.adapters", "polyft.merge", "polyft.eval",
+                   "polyft.training")),
+    ("config", ("polyft.config",)),
+    ("products", ("polyft.products",)),
+    ("commands", ("polyft.commands",)),
+    ("cli", ("polyft.cli",)),
+)
+HEAVY = ("torch", "transformers", "peft", "trl", "lm_eval", "vllm", "bitsandbytes", "deepspeed")
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix naming `module`."""
+    best = max(((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+                if module == p or module.startswith(p + ".")), default=None)
+    assert best is not None, f"{module} is in no layer of tests/test_layers.py"
+    return best[1]
 
 
 def module_name(path: Path) -> str:
@@ -83,18 +98,44 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
-    assert "polyft.errors" in graph["polyft.config.schema"]  # top level
-    assert "polyft.commands.train" in graph["polyft.commands.merge"]  # inside a function
+    assert "polyft.errors" in graph["polyft.runs"]  # top level
+    assert "polyft.commands.plan" in graph["polyft.cli.main"]  # inside a function
     assert "polyft.merge.io" in graph["polyft.merge.engine"]
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert layer_of("polyft.commands.train") > layer_of("polyft.products") > layer_of("polyft.config.rules")
 
 
 def test_no_import_circle():
     assert circles(import_graph()) == []
 
 
-def test_config_and_experiment_import_no_command():
-    graph = import_graph()
-    for low in BELOW_COMMANDS:
-        above = sorted(reachable(graph, low) & set(COMMANDS))
-        assert not above, f"{low} reaches the command modules {above}"
+def test_layers_only_point_down():
+    up = sorted(f"{a} -> {b}" for a, targets in import_graph().items() for b in targets
+                if layer_of(b) > layer_of(a))
+    assert not up, up
+
+
+def imports_of(path: Path) -> list[tuple[str, bool]]:
+    """(top-level package imported, at module level?) of every import in a file."""
+    tree = ast.parse(path.read_text(), str(path))
+    top = {id(n) for n in tree.body} | {id(c) for n in tree.body if isinstance(n, ast.Try) for c in n.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name.split(".")[0], id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.append(((node.module or "").split(".")[0], id(node) in top))
+    return out
+
+
+def test_only_the_cli_imports_hydra():
+    users = sorted(module_name(p) for p in PACKAGE.rglob("*.py")
+                   if any(pkg == "hydra" for pkg, _ in imports_of(p)) and not module_name(p).startswith("polyft.cli"))
+    assert not users, users
+
+
+def test_heavy_libraries_load_where_a_stage_needs_them():
+    """torch and friends never at a module's top (every command's start-up would pay for them)."""
+    eager = sorted(f"{module_name(p)}: {pkg}" for p in PACKAGE.rglob("*.py")
+                   for pkg, top in imports_of(p) if top and pkg in HEAVY)
+    assert not eager, eager

@@ -107,7 +107,7 @@ def measured_peak(cfg, model_path: str, steps: int = 2) -> float:
     import torch
     from peft import get_peft_model
 
-    from polyft.commands.train import build_model
+    from polyft.training import build_model
 
     torch.manual_seed(0)
     model, lora = build_model(cfg, model_path)

@@ -91,7 +91,7 @@ def test_mixture_rows_carry_lang_and_task(release):
     from omegaconf import OmegaConf
 
     from polyft.cli.compose import compose
-    from polyft.config.schema import validate
+    from polyft.config.rules import validate
     from polyft.data.mixture import load_mixture
 
     cfg = compose("train", ["data=xtremeup", f"eval.xtremeup_root={release}",

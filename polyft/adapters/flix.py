@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from polyft.adapters.lora import write_lora
 from polyft.errors import PolyftError
 
 FEATURE_TYPES = ("task", "lang")  # the fields every training row carries (polyft.data.sources)
@@ -80,10 +81,6 @@ class FlixConfig:
             return cls(**json.loads(f.read_text()))
         except (json.JSONDecodeError, TypeError):
             raise PolyftError(f"{key}={directory}: {CONFIG_FILE} is not a FLix config") from None
-
-
-def is_flix_dir(path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def feature_values(rows: list[dict], features: list[str]) -> dict:
@@ -396,8 +393,6 @@ def peft_config(cfg: FlixConfig, rank: int, base: str | None) -> dict:
 
 def compose_to_peft(directory, feature_set: dict, out_dir, base: str | None = None, key: str = "merge.adapter"):
     """Write the PEFT LoRA of one (resolved) feature set of the FLix adapter at `directory`."""
-    from polyft.adapters.lora import write_lora
-
     cfg, tensors = read(directory, key)
     factors = compose_factors(cfg, tensors, feature_set)
     rank = cfg.total_rank(feature_set)

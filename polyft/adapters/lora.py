@@ -1,50 +1,22 @@
-"""Adapter-space merges: methods whose product is a PEFT LoRA adapter, not a full model.
+"""PEFT LoRA directories: read, write, copy a tokenizer beside them.
 
-A full-model merge (engine.py) streams the tensors of whole checkpoints. An adapter-space
-merge reads LoRA factors (A, B per module) and writes new ones, so its product stays
-small and is served like any LoRA (peft, vLLM). Methods of this kind:
-
-    flix_compose   one FLix adapter -> the LoRA of one feature set (polyft.merge.flix_compose)
-    lorahub        several LoRAs -> sum w_i A_i, sum w_i B_i, w searched (polyft.merge.lorahub)
-
-A method module defines
-    check(cfg, resolve) -> None        refuse bad input (one line), reads headers only
-    product_key(cfg, resolve) -> dict  what determines the product (params + input identity)
-    build(cfg, out_dir, resolve) -> dict  write adapter_config.json + adapter_model.safetensors
-                                       into out_dir; return {"manifest": {...}, "metrics": {...}}
-where resolve(cfg, ref) -> Path is polyft.commands.merge.resolve_ref (base, expert, merge or
-path), passed in so that the methods sit below the command that dispatches to them.
-and this module does the rest: the artifact store (lock, reuse, atomic rename), run.json.
-LoRA files are read and written here, so every method shares one format.
+Adapter-space merges (lorahub, flix_compose) and FLix's composition write their products in
+this one format, which `peft.PeftModel.from_pretrained` (and vLLM) load.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from polyft import console
 from polyft.errors import PolyftError
+from polyft.merge.io import TOKENIZER_FILES, has_tokenizer
 
-# method name -> module defining check / product_key / build
-METHODS = {"flix_compose": "polyft.merge.flix_compose", "lorahub": "polyft.merge.lorahub"}
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-
-
-def names() -> list[str]:
-    return sorted(METHODS)
-
-
-def is_adapter_method(name: str) -> bool:
-    return name in METHODS
-
-
-def method_module(name: str):
-    return importlib.import_module(METHODS[name])
 
 
 @dataclass
@@ -107,47 +79,9 @@ def write_lora(out_dir: str | os.PathLike, config: dict, tensors: dict) -> None:
 
 def copy_tokenizer(out_dir: Path, *sources: str | os.PathLike | None) -> None:
     """The first source's tokenizer files (an adapter dir, then its base), so evals find them."""
-    import shutil
-
-    from polyft.merge.io import TOKENIZER_FILES, has_tokenizer
-
     for src in sources:
         if src and Path(src).is_dir() and has_tokenizer(Path(src)):
             for name in TOKENIZER_FILES:
                 if (Path(src) / name).is_file():
                     shutil.copy2(Path(src) / name, out_dir / name)
             return
-
-
-def check(cfg, resolve) -> None:
-    method_module(cfg.merge.method).check(cfg, resolve)
-
-
-def command(cfg, record, kind: str, resolve) -> None:
-    """Find the product in the store or build it; record it in run.json."""
-    from polyft.runs import ArtifactStore, config_hash, read_manifest
-
-    module = method_module(cfg.merge.method)
-    module.check(cfg, resolve)
-    name = cfg.merge.name or cfg.merge.method
-    key = module.product_key(cfg, resolve)
-    store = ArtifactStore(Path(cfg.output_root) / "artifacts")
-    target = Path(cfg.output_dir).resolve() if cfg.output_dir else None
-    record.extra["product"] = {"kind": kind, "name": name, "hash": config_hash(key)}
-    with store.lock(kind, name, key):
-        if target is not None:
-            m = read_manifest(target)
-            found = target if m and m.get("hash") == config_hash(key) else None
-        else:
-            found = store.find(kind, name, key)
-        if found is not None:
-            record.add_artifact(kind, found, reused=True)
-            console.echo(f"polyft: merge {name} already built: {found}")
-            return
-        since = console.started(f"merging {name} ({cfg.merge.method})")
-        with store.build(kind, name, key, target=target) as build:
-            result = module.build(cfg, build.dir, resolve)
-            build.manifest.update(method=cfg.merge.method, product="adapter", **result.get("manifest", {}))
-    record.metrics.update(result.get("metrics", {}))
-    record.add_artifact(kind, build.dir, reused=False)
-    console.done(since, f"merge {name} written to {build.dir}")

@@ -8,16 +8,23 @@ directories, in this order:
 A user's option may not take the name of a shipped one (it would be shadowed, silently).
 
 Composition goes through Hydra's config loader once per run point, with the hydra node, so
-that the config that is validated is the config that runs (or comes back from
-polyft.cli.compose_cache). Uses hydra._internal (pinned hydra-core 1.3.8): the public compose API
-takes one config directory only."""
+that the config that is validated is the config that runs. This is the one module that uses
+hydra._internal (pinned hydra-core 1.3.8): the public compose API takes one config directory
+only, and running a composed config as Hydra's run mode does needs its callbacks."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
-from polyft.config.schema import CONF_DIR
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import open_dict, read_write
+
+from polyft.config.schema import CONF_DIR, RootConfig, SourceConfig
 from polyft.errors import PolyftError
 
 GROUPS = ("model", "adapter", "quant", "data", "train", "logger", "merge", "eval", "exp")
@@ -86,8 +93,6 @@ def source_overrides(overrides: list[str]) -> list[str]:
     replaces it as a whole. Hydra cannot assign a new mapping to one entry of a mapping of
     dataclasses, but it can merge one into the mapping: so the override becomes three that
     make NAME exist, delete it and add it fresh, and the result is the same either way."""
-    from polyft.config.schema import SourceConfig
-
     out = []
     for o in overrides:
         m = _SOURCE.match(o)
@@ -96,8 +101,6 @@ def source_overrides(overrides: list[str]) -> list[str]:
             continue
         name, value = m.groups()
         try:
-            from hydra.core.override_parser.overrides_parser import OverridesParser
-
             parsed = OverridesParser.create().parse_override(f"x={value}").value()
         except Exception:  # not a mapping Hydra can read: let Hydra's own message name it
             out.append(o)
@@ -120,18 +123,20 @@ def searchpath_entries(overrides: list[str]) -> list[str]:
     return []
 
 
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    if "polyft_schema.yaml" not in store.repo:  # once per process: building the node is not free
+        store.store(name="polyft_schema", node=RootConfig)
+
+
 def hydra_app(command: str, dirs: list[Path]):
     """Hydra's application object for this search path (made once per process)."""
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
 
     key = (command, tuple(dirs))
     if key not in _HYDRAS:
-        from hydra._internal.hydra import Hydra
-        from hydra._internal.utils import create_config_search_path
-        from hydra.core.config_search_path import SearchPathQuery
-
-        from polyft.config.schema import register_configs
-
         register_configs()
         search_path = create_config_search_path(f"file://{CONF_DIR}")
         for d in dirs:  # after the package's conf, before the schema: where Hydra puts --config-dir
@@ -143,38 +148,57 @@ def hydra_app(command: str, dirs: list[Path]):
     return _HYDRAS[key]
 
 
+multirun_app = hydra_app
+
+
 def compose(command: str, overrides: list[str], with_hydra: bool = False, dirs: list[Path] | None = None):
     """The config of one run point as Hydra composes it for running it (hydra.* overrides
-    included); `with_hydra` keeps the hydra node (run dir, launcher, callbacks). A command
-    line composed before against the same files comes from polyft.cli.compose_cache."""
-    from hydra.types import RunMode
-    from omegaconf import open_dict, read_write
-
-    from polyft.cli import compose_cache
-
+    included); `with_hydra` keeps the hydra node (run dir, launcher, callbacks)."""
     dirs = list(dirs) if dirs is not None else user_config_dirs(None, overrides)
-    full = [f"command={command}", *overrides]
-    key = compose_cache.key(command, full, [CONF_DIR, *dirs])
-    cfg = compose_cache.load(key)
-    if cfg is None:
-        cfg = hydra_app(command, dirs).compose_config("config", full, run_mode=RunMode.RUN,
-                                                      with_log_configuration=False)
-        compose_cache.store(key, cfg)
-    else:
-        hydra_runtime(command)
+    cfg = hydra_app(command, dirs).compose_config("config", [f"command={command}", *overrides],
+                                                  run_mode=RunMode.RUN, with_log_configuration=False)
     if not with_hydra:
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
     return cfg
 
 
-def hydra_runtime(command: str) -> None:
-    """What Hydra's application sets up when it is made (resolvers such as ${now:}, the job's
-    name), for a config that comes from the cache."""
-    from hydra.core.utils import JobRuntime, setup_globals
+def run_job(cfg, task_function) -> None:
+    """Run one composed point as Hydra's run mode does (run dir, .hydra/, logging, callbacks),
+    without composing it again."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.utils import run_job as hydra_run_job
+    from hydra.types import HydraContext
 
-    setup_globals()
-    JobRuntime().set("name", f"polyft-{command}")
+    with read_write(cfg.hydra):
+        cfg.hydra.mode = RunMode.RUN
+    callbacks = Callbacks(cfg)
+    callbacks.on_run_start(config=cfg, config_name="config")
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    ret = hydra_run_job(hydra_context=HydraContext(config_loader=loader, callbacks=callbacks),  # reads no config
+                        task_function=task_function, config=cfg, job_dir_key="hydra.run.dir",
+                        job_subdir_key=None, configure_logging=True)
+    callbacks.on_run_end(config=cfg, config_name="config", job_return=ret)
+    _ = ret.return_value  # re-raises what the command raised
+
+
+def hydra_info(command: str, overrides: list[str], flags: list[str], dirs: list[Path]) -> int:
+    """--info and --shell-completion: Hydra's own, through hydra.main, with the user's
+    directories on its search path."""
+    import sys
+
+    import hydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    flags = [f for i, f in enumerate(flags) if f not in ("--config-dir", "-cd")
+             and not (i and flags[i - 1] in ("--config-dir", "-cd"))]
+    if dirs:
+        overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.searchpath")]
+        overrides.append(f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]")
+    sys.argv = [f"polyft-{command}", *flags, f"command={command}", *overrides]  # Hydra's parser: flags first
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(lambda cfg: None)()
+    return 0
 
 
 def searched(dirs: list[Path]) -> str:
@@ -183,10 +207,6 @@ def searched(dirs: list[Path]) -> str:
 
 def schema_keys(dotted: str) -> list[str] | None:
     """Allowed keys under a config path such as 'adapter', from the dataclass schemas."""
-    import dataclasses
-
-    from polyft.config.schema import RootConfig
-
     node = RootConfig
     for part in [p for p in dotted.split(".") if p]:
         fields = {f.name: f for f in dataclasses.fields(node)}

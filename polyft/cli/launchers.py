@@ -25,7 +25,9 @@ from pathlib import Path
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as _LocalBase
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SlurmBase
+from omegaconf import OmegaConf
 
+from polyft.commands.plan import fit_resources
 from polyft.errors import ConfigError
 
 # Lines describing the failed points of the sweeps launched in this process (cli.main exits 1).
@@ -115,7 +117,6 @@ class _PerPointLauncher:
         import submitit
         from hydra.core.singleton import Singleton
         from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-        from omegaconf import OmegaConf
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +126,6 @@ class _PerPointLauncher:
             point = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             launcher = OmegaConf.to_container(point.hydra.launcher, resolve=True)
             if point.plan.fit:
-                from polyft.commands.plan import fit_resources
-
                 launcher.update(fit_resources(point, launcher))
             launcher.update(OmegaConf.to_container(point.resources, resolve=True))
             check_launcher(launcher, f"point #{idx}: hydra.launcher")

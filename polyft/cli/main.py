@@ -1,47 +1,72 @@
 """Entry point: `polyft COMMAND [overrides]`.
 
-Composes each point of the run once (polyft/compose.py: polyft's conf/ and the user's config
-directories) and validates every point (every sweep point under -m) before a directory is
-made, so a user mistake prints one line, exits 2 and writes nothing. A single run runs from
-that config; a sweep goes to Hydra's sweeper and launcher. Heavy libraries are imported
-inside the commands, not here.
+Composes each point of the run once (polyft.cli.compose: polyft's conf/ and the user's
+config directories) and checks every point (every sweep point under -m) in two stages
+before a directory is made: the pure rules (polyft.config.rules.validate), then the
+command's `preflight`, which reads files. A user mistake prints one line, exits 2 and
+writes nothing. A single run runs from that config; a sweep goes to Hydra's sweeper and
+launcher. The commands are polyft.commands.COMMANDS; heavy libraries load inside them.
 """
 
 from __future__ import annotations
 
-import importlib
+import copy
 import itertools
 import sys
 import time
 from pathlib import Path
 
 from polyft import console
+from polyft.commands import COMMANDS, module
+from polyft.config.schema import CONF_DIR, option_names
 from polyft.errors import PolyftError
 
-HANDLERS = {
-    "train": "polyft.commands.train",
-    "merge": "polyft.commands.merge",
-    "eval": "polyft.commands.eval",
-    "run": "polyft.commands.run",
-    "report": "polyft.commands.report",
-    "plan": "polyft.commands.plan",
-}
-USAGE = """usage: polyft COMMAND [+exp=NAME] [group=option ...] [key=value ...] [-m]
-
-commands:
-  train    supervised fine-tuning: full, LoRA, QLoRA 4/8-bit, on multilingual mixtures
-  merge    merge models: linear, task_arithmetic, ties, ties_sv, dare, slerp, layer_swap
-  eval     per-language evaluation through lm-evaluation-harness
-  run      an experiment's stages end to end (train, merge, eval, report), cached
-  report   paper-style tables and plots from the runs on disk
-  plan     per run / sweep point: what it trains and the accelerator memory it needs
-
-`polyft COMMAND --help` lists the config groups and options of a command."""
 # Hydra flags that take no value / one value; they are not overrides.
 _FLAGS0 = {"-m", "--multirun", "--resolve", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
 _FLAGS1 = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
            "--experimental-rerun", "--run"}
 PREFLIGHT_POINTS = 256
+# The config groups each command reads, for its --help.
+GROUPS = {
+    "train": ("model", "adapter", "quant", "data", "train", "logger", "exp"),
+    "merge": ("merge", "model", "exp"),
+    "eval": ("eval", "model", "quant", "exp"),
+    "run": ("model", "adapter", "quant", "data", "train", "logger", "merge", "eval", "exp"),
+    "report": ("exp",),
+    "plan": ("model", "adapter", "quant", "data", "train", "exp"),
+}
+HYDRA_FLAGS = """Hydra flags:
+  -m, --multirun              sweep: a=1,2 b=x,y runs every point (hydra/launcher=joblib|slurm|submitit_local)
+  --cfg job|hydra|all         print the composed config and exit (--resolve: interpolations resolved;
+                              -p KEY: one package of it)
+  --info                      Hydra's account of the search path and defaults, and exit
+  --config-dir DIR, -cd DIR   your own config groups (also ./conf, hydra.searchpath=[file://DIR])"""
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS) + 2
+    lines = [f"  {c.name:<{width}} {c.help.format(merge_methods=', '.join(merge_methods()))}"
+             for c in COMMANDS.values()]
+    return ("usage: polyft COMMAND [+exp=NAME] [group=option ...] [key=value ...] [-m]\n\ncommands:\n"
+            + "\n".join(lines) + "\n\n`polyft COMMAND --help` lists the config groups and options of a command.")
+
+
+def merge_methods() -> list[str]:
+    from polyft.merge import registry
+
+    return registry.names()
+
+
+def command_help(command: str, dirs: list[Path]) -> str:
+    c = COMMANDS[command]
+    groups = "\n".join(f"  {g}: {', '.join(option_names(g, dirs))}" for g in GROUPS[command])
+    searched = ", ".join(str(d) for d in [CONF_DIR, *dirs])
+    return (f"usage: polyft {command} [+exp=NAME] [group=option ...] [key=value ...] [-m]\n\n"
+            f"{c.help.format(merge_methods=', '.join(merge_methods()))}\n\n"
+            + (f"{c.details}\n\n" if c.details else "")
+            + f"config groups (group=option; searched: {searched}):\n{groups}\n\n"
+            "Any key of the composed config can be set (key=value); `--cfg job` shows them.\n\n"
+            + HYDRA_FLAGS)
 
 
 def fail(message: str) -> None:
@@ -67,27 +92,25 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return overrides, flags
 
 
+def flag_value(flags: list[str], *names: str) -> str | None:
+    return next((flags[i + 1] for i, f in enumerate(flags[:-1]) if f in names), None)
+
+
 def sweep_points(overrides: list[str], multirun: bool) -> list[list[str]]:
     """Expand `a=1,2 b=x,y` into its points (capped), as Hydra's basic sweeper would."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if not multirun:
+        return [overrides]
     parsed = OverridesParser.create().parse_overrides(overrides)
     axes = []
     for o in parsed:
-        if multirun and o.is_sweep_override():
+        if o.is_sweep_override():
             key = o.get_key_element()
             axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         else:
             axes.append([o.input_line])
     return [list(p) for p in itertools.islice(itertools.product(*axes), PREFLIGHT_POINTS)]
-
-
-def handler_for(cfg):
-    """The module (or stage) with `check(cfg)` and `command(cfg, record)` for this run.
-    Under an experiment, merge and eval act on all of the experiment's models."""
-    if cfg.command in ("merge", "eval") and (cfg.experts or cfg.baselines):
-        return importlib.import_module("polyft.commands.run").STAGES[cfg.command]
-    return importlib.import_module(HANDLERS[cfg.command])
 
 
 def check_launcher(cfg) -> None:
@@ -107,40 +130,8 @@ def check_launcher(cfg) -> None:
         fit_resources(cfg, launcher)  # a point that fits no GPU is refused here, not at submission
 
 
-def preflight(command: str, overrides: list[str], dirs: list, multirun: bool, files: bool = True) -> list:
-    """Compose and validate every run point (with its hydra node); raise PolyftError on the
-    first bad one. `files=False` (for --cfg/--info, which only print) skips the checks that
-    read files or the hub. Returns the configs, to run a single point from."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from polyft.cli.compose import compose, explain
-    from polyft.config.experiment import validate_run
-
-    try:
-        points = sweep_points(overrides, multirun) if multirun else [overrides]
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise PolyftError(explain(exc, dirs)) from None
-    configs = []
-    for point in points:  # every point's config rules first: a bad sweep value is refused at once
-        try:
-            cfg = compose(command, point, with_hydra=True, dirs=dirs)
-            check_launcher(cfg)
-        except (HydraException, OmegaConfBaseException, ValueError) as exc:
-            raise PolyftError(explain(exc, dirs)) from None
-        validate_run(cfg)
-        configs.append(cfg)
-    for cfg in configs:  # then what reads files (models, data) or the hub
-        check = getattr(handler_for(cfg), "check", None)
-        if check is not None and files:
-            check(job_config(cfg))
-    return configs
-
-
 def job_config(cfg):
     """The config without its hydra node: what the command sees (as Hydra's run_job gives it)."""
-    import copy
-
     from omegaconf import open_dict, read_write
 
     out = copy.deepcopy(cfg)
@@ -149,41 +140,54 @@ def job_config(cfg):
     return out
 
 
-def run_single(cfg) -> None:
-    """Run one composed point as Hydra's run mode does (run dir, .hydra/, logging, callbacks),
-    without composing it again."""
-    from hydra._internal.callbacks import Callbacks
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.utils import run_job
-    from hydra.types import HydraContext, RunMode
-    from omegaconf import read_write
+def composed_points(command: str, overrides: list[str], dirs: list, multirun: bool) -> list:
+    """Every run point composed (with its hydra node) and through the pure rules; the first
+    bad one raises PolyftError."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    with read_write(cfg.hydra):
-        cfg.hydra.mode = RunMode.RUN
-    callbacks = Callbacks(cfg)
-    callbacks.on_run_start(config=cfg, config_name="config")
-    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
-    ret = run_job(hydra_context=HydraContext(config_loader=loader, callbacks=callbacks),  # run_job reads no config
-                  task_function=run_command, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
-                  configure_logging=True)
-    callbacks.on_run_end(config=cfg, config_name="config", job_return=ret)
-    _ = ret.return_value  # re-raises what the command raised
+    from polyft.cli.compose import compose, explain
+    from polyft.config.rules import validate
+
+    try:
+        points = sweep_points(overrides, multirun)
+        configs = []
+        for point in points:
+            cfg = compose(command, point, with_hydra=True, dirs=dirs)
+            if COMMANDS[command].makes_run:
+                check_launcher(cfg)
+            configs.append(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise PolyftError(explain(exc, dirs)) from None
+    for cfg in configs:
+        validate(cfg)
+    return configs
+
+
+def preflight(command: str, configs: list) -> None:
+    """Then what reads files (models, data) or the hub, for every point."""
+    from polyft.products import check_refs
+
+    for cfg in configs:
+        cfg = job_config(cfg)
+        check_refs(cfg)
+        module(command).preflight(cfg)
 
 
 def run_command(cfg) -> None:
     """Hydra's task function: one run directory, one run.json, one command."""
     from hydra.core.hydra_config import HydraConfig
 
-    from polyft.config.schema import to_container, validate
+    from polyft.config.rules import validate
+    from polyft.config.schema import to_container
     from polyft.runs import RunRecord
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    handler = handler_for(cfg)
     record = RunRecord(run_dir, cfg.command, to_container(cfg), seed=cfg.seed)
-    with console.job(run_dir, cfg, record):
+    with console.job(run_dir, cfg, record, sweep_point()):
         try:
-            validate(cfg)  # the experiment's structure was checked by preflight, before any directory
-            handler.command(cfg, record)
+            validate(cfg)  # again for each point a launcher composed; cheap and pure
+            module(cfg.command).command(cfg, record)
         except PolyftError as exc:
             record.finish("failed", str(exc))
             fail(str(exc))
@@ -193,43 +197,32 @@ def run_command(cfg) -> None:
         record.finish("ok")
 
 
-def plan_command(args: list[str]) -> int:
-    """`polyft plan ...`: compose each point as the sweep would and print polyft.commands.plan's table
-    (here, not in plan.py, because it composes configs as the other commands do)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+def sweep_point() -> str | None:
+    """`#N overrides` of a sweep point (None outside a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from polyft.cli.compose import command_line, compose, explain
-    from polyft.config.experiment import validate_run
-    from polyft.commands.plan import USAGE, estimates, table
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = HydraConfig.get().job
+    task = [o for o in HydraConfig.get().overrides.task if not o.startswith("command=")]
+    return f"#{job.num} {' '.join(task)}".strip()
 
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
-        return 0
-    start = time.time()
-    overrides, flags = split_args(args)
-    multirun = "-m" in flags or "--multirun" in flags
-    rows, gpus, first = [], None, None
-    overrides, dirs = command_line(flags, overrides)
-    try:
-        points = sweep_points(overrides, multirun)
-        for n, point in enumerate(points):
-            cfg = compose("plan", point, dirs=dirs)
-            validate_run(cfg)
-            label = " ".join(o for o in point if o not in overrides) or str(n)
-            rows += [(f"#{n} {label}" if multirun else label, e) for e in estimates(cfg)]
-            gpus = list(cfg.plan.gpus)
-            first = first or cfg
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise PolyftError(explain(exc, dirs)) from None
-    e0 = rows[0][1]
-    device = "GPU (bf16 compute)" if first.plan.device == "gpu" else "CPU (fp32)"
-    print(f"memory per {device} device, batch {e0.batch} x length {e0.seq}; GiB; * = the config's "
-          f"activation checkpointing setting (train.gradient_checkpointing)")
-    print(table(rows, gpus))
-    print(f"polyft: planned {len(points)} point(s) in {time.time() - start:.1f} s, nothing loaded",
-          file=sys.stderr)
-    return 0
+
+def print_config(cfg, flags: list[str]) -> None:
+    """--cfg job|hydra|all [--resolve] [-p KEY], as Hydra prints them."""
+    from omegaconf import OmegaConf
+
+    which = flag_value(flags, "--cfg", "-c") or "job"
+    if which not in ("job", "hydra", "all"):
+        raise PolyftError(f"--cfg {which}: use job, hydra or all")
+    node = cfg.hydra if which == "hydra" else job_config(cfg) if which == "job" else cfg
+    package = flag_value(flags, "--package", "-p")
+    if package:
+        node = OmegaConf.select(node, package)
+        if node is None:
+            raise PolyftError(f"--package {package}: no such key in the composed config")
+    print(OmegaConf.to_yaml(node, resolve="--resolve" in flags) if OmegaConf.is_config(node) else node, end="")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,67 +238,59 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_cli(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
-    from polyft.config.schema import COMMANDS
-
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; use one of: {', '.join(COMMANDS)}")
-    if command == "plan":  # prints, writes nothing: no run directory, no Hydra launcher
-        try:
-            return plan_command(rest)
-        except PolyftError as exc:
-            fail(str(exc))
-    from polyft.cli.compose import command_line
-
     overrides, flags = split_args(rest)
-    multirun = "-m" in flags or "--multirun" in flags
-    helping = bool({"--help", "-h", "--hydra-help"} & set(flags))
-    if not helping:
-        console.start(rest)
     try:
+        from polyft.cli.compose import command_line
+
         overrides, dirs = command_line(flags, overrides)
-        printing = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
-        if printing & set(flags):
-            if not helping:
-                preflight(command, overrides, dirs, multirun=False, files=False)
-            return hydra_main(command, overrides, flags, dirs)
-        configs = preflight(command, overrides, dirs, multirun)
+        if {"--help", "-h"} & set(flags):
+            print(command_help(command, dirs))
+            return 0
+        if "--hydra-help" in flags:
+            print(HYDRA_FLAGS)
+            return 0
+        multirun = "-m" in flags or "--multirun" in flags
+        printing = {"--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"} & set(flags)
+        if not COMMANDS[command].makes_run or printing:
+            return print_only(command, overrides, flags, dirs, multirun)
+        console.start(rest)
+        configs = composed_points(command, overrides, dirs, multirun)
+        preflight(command, configs)
     except PolyftError as exc:
         fail(str(exc))
-    from polyft.cli.compose import hydra_app
+    from polyft.cli.compose import multirun_app, run_job
 
     if not multirun:
-        run_single(configs[0])  # the run's own console window (console.job) takes over preflight's
+        run_job(configs[0], run_command)  # the run's own console window (console.job) takes over
         return 0
     console.pause()  # the launcher's jobs open their own windows
-    app = hydra_app(command, dirs)  # Hydra's sweeper and launcher compose each point
-    app.multirun(config_name="config", task_function=run_command,
-                 overrides=[f"command={command}", *overrides, "hydra.mode=MULTIRUN"])
+    multirun_app(command, dirs).multirun(config_name="config", task_function=run_command,
+                                         overrides=[f"command={command}", *overrides, "hydra.mode=MULTIRUN"])
     return sweep_status()
 
 
-def hydra_main(command: str, overrides: list[str], flags: list[str], dirs: list) -> int:
-    """--help, --cfg, --info and the other flags that print: Hydra's own, with the user's
-    directories on its search path."""
-    import hydra
-    from hydra.core.global_hydra import GlobalHydra
+def print_only(command: str, overrides: list[str], flags: list[str], dirs: list, multirun: bool) -> int:
+    """plan (its table), --cfg and --info: composed and checked, printed, nothing written."""
+    start = time.time()
+    if {"--info", "-i", "--shell-completion", "-sc"} & set(flags):
+        from polyft.cli.compose import hydra_info
 
-    from polyft.cli.compose import CONF_DIR
-    from polyft.config.schema import register_configs
+        return hydra_info(command, overrides, flags, dirs)
+    configs = composed_points(command, overrides, dirs, multirun and command == "plan")
+    if command == "plan":
+        from polyft.commands.plan import show
 
-    console.pause()
-    register_configs()
-    GlobalHydra.instance().clear()  # preflight's application; hydra.main makes its own
-    flags = [f for i, f in enumerate(flags) if f not in ("--config-dir", "-cd")
-             and not (i and flags[i - 1] in ("--config-dir", "-cd"))]
-    if dirs:
-        overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.searchpath")]
-        overrides.append(f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]")
-    # Hydra's parser wants its flags before the overrides.
-    sys.argv = [f"polyft-{command}", *flags, f"command={command}", *overrides]
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run_command)()
+        show([(" ".join(o for o in p if o not in overrides), job_config(c))
+              for p, c in zip(sweep_points(overrides, multirun), configs)], multirun)
+        print(f"polyft: planned {len(configs)} point(s) in {time.time() - start:.1f} s, nothing loaded",
+              file=sys.stderr)
+        return 0
+    print_config(configs[0], flags)
     return 0
 
 

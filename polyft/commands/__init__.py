@@ -1,0 +1,41 @@
+"""The commands, in one table. Each module holds `preflight(cfg)`, the checks that read files
+(model directories, data, checkpoint headers) and run after the config's pure rules
+(polyft.config.rules.validate), and `command(cfg, record)`, which runs in its run directory.
+`plan` prints and writes nothing: it has `show(points)` instead."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str
+    help: str
+    makes_run: bool = True  # a run directory, run.json, Hydra's launcher for -m
+    details: str = ""  # more for `polyft COMMAND --help`
+
+
+COMMANDS = {c.name: c for c in (
+    Command("train", "polyft.commands.train", "supervised fine-tuning: full, LoRA, QLoRA 4/8-bit, FLix, on multilingual mixtures"),
+    Command("merge", "polyft.commands.merge", "merge models or LoRAs: {merge_methods}"),
+    Command("eval", "polyft.commands.eval", "per-language evaluation through lm-evaluation-harness"),
+    Command("run", "polyft.commands.run", "an experiment's stages end to end (train, merge, eval, report), cached"),
+    Command("report", "polyft.commands.report", "paper-style tables and plots from the runs on disk"),
+    Command("plan", "polyft.commands.plan", "per run / sweep point: what it trains and the accelerator memory it needs",
+            makes_run=False, details="""For every run (every sweep point with -m): what it trains and its estimated peak
+accelerator memory, without loading any weights. Keys:
+  plan.device=gpu|cpu      gpu: bf16 compute (default); cpu: fp32, as a CPU run
+  plan.batch_size=N        default train.batch_size
+  plan.seq_len=N           default data.max_length
+  plan.gpus=[24,40,80]     GPU sizes (GB) to fit
+  plan.fit=true            (with train/run under hydra/launcher=slurm) mem_gb and gres per
+                           point from this estimate; plan.gres={80: gpu:a100:1} names GPUs
+e.g. polyft plan +exp=maple -m adapter.r=8,64 quant=4bit,none"""),
+)}
+
+
+def module(name: str):
+    return importlib.import_module(COMMANDS[name].module)

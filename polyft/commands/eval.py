@@ -17,41 +17,59 @@ Local data layout (eval.data_dir): see polyft/eval/data.py,
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from polyft import console
-from polyft.errors import MissingArtifactError, PolyftError
+from polyft.config.experiment import eval_models
 from polyft.data.formatting import check_chat_template
+from polyft.errors import MissingArtifactError, PolyftError
+from polyft.eval import flix
 from polyft.eval.data import file_identity, is_hub_dataset, plan_data, write_demo_data
-from polyft.eval.models import ModelRef, artifact_label, describe, identity, order_by_base, tokenizer_source
+from polyft.eval.harness import (
+    RESULTS_ROWS,
+    evaluate,
+    format_rows,
+    read_rows,
+    result_rows,
+    write_results,
+    write_task_dir,
+)
+from polyft.eval.models import HFModels, ModelRef, artifact_label, describe, identity, order_by_base, tokenizer_source
 from polyft.eval.specs import TaskSpec, resolve_tasks
+from polyft.eval.vllm_backend import VLLMModels, check_available
 from polyft.models.load import is_offline, set_offline_env
+from polyft.products import eval_refs, store
+from polyft.products import resolve_ref as model_ref
 from polyft.runs import ArtifactStore, config_hash, read_manifest
 
 KIND = "eval"
 
 
+def with_experiment_models(cfg):
+    """Under an experiment, eval.models defaults to base, every expert and every merge."""
+    if not (cfg.experts or cfg.baselines):
+        return cfg
+    stage = copy.deepcopy(cfg)
+    with open_dict(stage):
+        stage.eval.models = eval_models(cfg)
+    return stage
+
+
 def resolve_ref(cfg, ref: str, build: bool = True) -> str:
     """The directory (or hub id, for `base`) a model reference names: base, an expert or a
-    merge of the experiment, or a path (polyft.commands.merge.resolve_ref)."""
-    from polyft.commands.merge import resolve_ref as model_ref
-
+    merge of the experiment, or a path (polyft.products.resolve_ref)."""
     try:
         return str(model_ref(cfg, ref, build=build))
     except MissingArtifactError:
         raise
     except PolyftError as exc:
         raise PolyftError(f"eval.model={exc}") from None
-
-
-def model_refs(cfg) -> list[str]:
-    e = cfg.eval
-    return [str(r) for r in e.models] if e.models is not None else [str(e.model)]
 
 
 @dataclass
@@ -76,13 +94,11 @@ def plan(cfg, build: bool = True) -> Plan:
     if offline:
         set_offline_env()  # before datasets/huggingface_hub are imported: fail fast, no retries
     if e.backend == "vllm":
-        from polyft.eval.vllm_backend import check_available
-
         check_available()
         if cfg.quant.bits:
             raise PolyftError(f"quant={cfg.quant.name} is for eval.backend=hf; vLLM loads its own quantised weights")
     models = [describe(ref, resolve_ref(cfg, ref, build), allow_pickle=cfg.allow_pickle, offline=offline)
-              for ref in model_refs(cfg)]
+              for ref in eval_refs(cfg)]
     specs = resolve_tasks(list(OmegaConf.to_container(e.tasks, resolve=True)),
                           langs=list(e.langs) if e.langs else None, include_path=e.include_path,
                           num_fewshot=e.num_fewshot, limit=e.limit,
@@ -96,23 +112,21 @@ def plan(cfg, build: bool = True) -> Plan:
     plan_data(specs, data_dir=e.data_dir, demo_root=Path(cfg.output_root) / "eval-data" / "demo",
               offline=offline, xtremeup_root=e.xtremeup_root)
     if any(m.kind == "flix" for m in models):
-        from polyft.eval import flix
-
         if e.backend != "hf":
             raise PolyftError("eval.backend=vllm cannot score a FLix adapter directly; compose it with "
                               "polyft merge merge=flix_compose and evaluate that LoRA")
         flix.check(models, specs)
-    targets: dict = dict.fromkeys(model_refs(cfg))
+    targets: dict = dict.fromkeys(eval_refs(cfg))
     if cfg.output_dir:
         out = Path(cfg.output_dir).expanduser().resolve()
         for m in models:  # one model: output_dir is its artifact; several: one subdirectory each
             targets[m.ref] = out if len(models) == 1 else out / artifact_name(cfg, m)
-    return Plan(models, specs, ArtifactStore(Path(cfg.output_root) / "artifacts"), targets)
+    return Plan(models, specs, store(cfg), targets)
 
 
-def check(cfg) -> None:
+def preflight(cfg) -> None:
     """Everything that can be refused before a directory is made (no torch, no lm-eval)."""
-    p = plan(cfg, build=False)
+    p = plan(with_experiment_models(cfg), build=False)
     for target in p.targets.values():
         if target is not None and target.exists() and any(target.iterdir()):
             manifest = read_manifest(target)
@@ -160,60 +174,40 @@ def chat_template(cfg, specs: list[TaskSpec]) -> str | None:
     return cfg.model.chat_template if any(s.chat for s in specs) else None
 
 
-def _existing(p: Plan, m: ModelRef, name: str, key: dict) -> Path | None:
-    target = p.targets[m.ref]
-    if target is not None:
-        manifest = read_manifest(target)
-        return target if manifest and manifest.get("hash") == config_hash(key) else None
-    return p.store.find(KIND, name, key)
-
-
 def _models(cfg, p: Plan):
     e = cfg.eval
     if e.backend == "vllm":
-        from polyft.eval.vllm_backend import VLLMModels
-
         return VLLMModels(p.models, dtype=cfg.model.dtype, batch_size=e.batch_size,
                           trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed)
-    from polyft.eval.models import HFModels
-
     return HFModels(cfg.model, cfg.quant, allow_pickle=cfg.allow_pickle, device=e.device,
                     batch_size=e.batch_size, apply_chat_template=any(s.chat for s in p.specs))
 
 
-def evaluate_model(cfg, p: Plan, m: ModelRef, backend) -> tuple[Path, list[dict]]:
-    """Score one model on the suite into a new artifact; returns its path and rows."""
-    from polyft.eval.harness import evaluate, result_rows, write_results, write_task_dir
-
+def evaluate_model(cfg, p: Plan, m: ModelRef, backend, build) -> list[dict]:
+    """Score one model on the suite into build.dir; returns its rows."""
     e = cfg.eval
-    key = eval_key(cfg, m, p.specs)
-    name = artifact_name(cfg, m)
-    with p.store.build(KIND, name, key, target=p.targets[m.ref]) as b:
-        task_dir = write_task_dir(p.specs, b.dir / "tasks")
+    task_dir = write_task_dir(p.specs, build.dir / "tasks")
 
-        def score(model_ref, specs):
-            results = evaluate(backend.lm(model_ref), specs, task_dir,
-                               gen_kwargs=OmegaConf.to_container(e.gen_kwargs, resolve=True),
-                               log_samples=e.log_samples)
-            return results, result_rows(results, m.ref, {s.name: s.lang for s in specs})
+    def score(model_ref, specs):
+        results = evaluate(backend.lm(model_ref), specs, task_dir,
+                           gen_kwargs=OmegaConf.to_container(e.gen_kwargs, resolve=True),
+                           log_samples=e.log_samples)
+        return results, result_rows(results, m.ref, {s.name: s.lang for s in specs})
 
-        if m.kind == "flix":  # one composed LoRA per feature set (polyft/eval/flix.py)
-            from polyft.eval import flix
-
-            results, rows = flix.evaluate(m, p.specs, b.dir, score)
-        else:
-            results, rows = score(m, p.specs)
-        write_results(b.dir, results, rows)
-        b.manifest.update(model=asdict(m), suite=e.suite, tasks=[s.name for s in p.specs],
+    if m.kind == "flix":  # one composed LoRA per feature set (polyft/eval/flix.py)
+        results, rows = flix.evaluate(m, p.specs, build.dir, score)
+    else:
+        results, rows = score(m, p.specs)
+    write_results(build.dir, results, rows)
+    build.manifest.update(model=asdict(m), suite=e.suite, tasks=[s.name for s in p.specs],
                           chat_template=chat_template(cfg, p.specs))
-    return b.dir, rows
+    return rows
 
 
 def command(cfg, record, show_rows: bool = True) -> None:
     """Every (model, suite) result of the plan, reused or computed, into record.metrics;
     `show_rows=False` when the caller prints a report table instead of the rows."""
-    from polyft.eval.harness import RESULTS_ROWS, format_rows, read_rows
-
+    cfg = with_experiment_models(cfg)
     p = plan(cfg)
     for spec in p.specs:
         if spec.family is not None and spec.family.generator:
@@ -223,25 +217,26 @@ def command(cfg, record, show_rows: bool = True) -> None:
         "chat_template": chat_template(cfg, p.specs),
         "tasks": [{"name": s.name, "lang": s.lang, "limit": s.limit, "num_fewshot": s.fewshot,
                    "apply_chat_template": s.chat, "data_files": s.data_files} for s in p.specs]}
-    backend = None
+    backend = []  # nothing heavy is loaded when all results exist
     rows_by_ref: dict[str, list[dict]] = {}
     for m in order_by_base(p.models):
-        key = eval_key(cfg, m, p.specs)
-        name = artifact_name(cfg, m)
-        with p.store.lock(KIND, name, key):
-            found = _existing(p, m, name, key)
-            if found is not None:
-                rows = [{**r, "model": m.ref} for r in read_rows(found / RESULTS_ROWS)]
-                record.add_artifact(KIND, found, reused=True, model=m.ref, suite=cfg.eval.suite)
-                console.echo(f"polyft: eval of {m.ref} on {cfg.eval.suite} already done: {found}")
-            else:
-                since = console.started(f"evaluating {m.ref} on {cfg.eval.suite}")
-                backend = backend or _models(cfg, p)  # nothing heavy is loaded when all results exist
-                found, rows = evaluate_model(cfg, p, m, backend)
-                record.add_artifact(KIND, found, reused=False, model=m.ref, suite=cfg.eval.suite)
-                console.done(since, f"eval of {m.ref} on {cfg.eval.suite} written to {found}")
+        since = []
+
+        def make(build, m=m):
+            since.append(console.started(f"evaluating {m.ref} on {cfg.eval.suite}"))
+            backend[:] = backend or [_models(cfg, p)]
+            return evaluate_model(cfg, p, m, backend[0], build)
+
+        got = p.store.obtain(KIND, artifact_name(cfg, m), eval_key(cfg, m, p.specs), make, p.targets[m.ref])
+        record.add_artifact(KIND, got.path, reused=got.reused, model=m.ref, suite=cfg.eval.suite)
+        if got.reused:
+            rows = [{**r, "model": m.ref} for r in read_rows(got.path / RESULTS_ROWS)]
+            console.echo(f"polyft: eval of {m.ref} on {cfg.eval.suite} already done: {got.path}")
+        else:
+            rows = got.result
+            console.done(since[0], f"eval of {m.ref} on {cfg.eval.suite} written to {got.path}")
         rows_by_ref[m.ref] = rows
-    record.metrics["results"] = [r for ref in model_refs(cfg) for r in rows_by_ref[ref]]
+    record.metrics["results"] = [r for ref in eval_refs(cfg) for r in rows_by_ref[ref]]
     record.save()
     if show_rows:
         console.echo(format_rows(record.metrics["results"]))

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polyft.errors import ConfigError
+from polyft.models.load import resolve_model_path
+from polyft.products import expert_config, flix_total_rank
 
 GIB = 2 ** 30
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,19 +40,6 @@ GPU_OVERHEAD = 1 * GIB
 OPTIMIZER_STATE = {"adamw_torch": (2, None), "adamw_torch_fused": (2, None), "adamw_hf": (2, None),
                    "adafactor": (0, 0.1), "sgd": (0, None), "adamw_bnb_8bit": (0, 2), "adamw_8bit": (0, 2),
                    "paged_adamw_8bit": (0, 2), "paged_adamw_32bit": (0, 8), "lion_8bit": (0, 1)}
-USAGE = """usage: polyft plan [+exp=NAME] [group=option ...] [key=value ...] [-m]
-
-For every run (every sweep point with -m) prints what it trains and its estimated peak
-accelerator memory, without loading any weights. Keys:
-  plan.device=gpu|cpu      gpu: bf16 compute (default); cpu: fp32, as a CPU run
-  plan.batch_size=N        default train.batch_size
-  plan.seq_len=N           default data.max_length
-  plan.gpus=[24,40,80]     GPU sizes (GB) to fit
-  plan.fit=true            (with train/run under hydra/launcher=slurm) mem_gb and gres per
-                           point from this estimate; plan.gres={80: gpu:a100:1} names GPUs
-e.g. polyft plan +exp=maple -m adapter.r=8,64 quant=4bit,none"""
-
-
 @dataclass
 class Arch:
     hidden: int
@@ -76,8 +65,6 @@ class Arch:
 
 def architecture(model_cfg, output_root: str) -> Arch:
     """From a local config.json (the model's own), else the preset's keys, else the tiny spec."""
-    from polyft.models.load import resolve_model_path
-
     conf = {}
     path = resolve_model_path(model_cfg, output_root, build=False) if model_cfg.tiny is not None \
         else model_cfg.path
@@ -165,8 +152,6 @@ def estimate(cfg, name: str = "") -> Estimate:
         shapes = arch.shapes()
         r = cfg.adapter.r
         if cfg.adapter.type == "flix":  # a LoRA per value: the summed rank (the values come from the data)
-            from polyft.commands.train import flix_total_rank
-
             r = flix_total_rank(cfg)
         trainable = arch.layers * sum(r * (shapes[m][0] + shapes[m][1])
                                       + (shapes[m][1] if cfg.adapter.dora else 0) for m in targets)
@@ -193,15 +178,7 @@ def estimates(cfg) -> list[Estimate]:
     """One estimate per model the run trains (each expert of an experiment)."""
     if not cfg.experts:
         return [estimate(cfg, cfg.model.name)]
-    from polyft.config.schema import validate
-    from polyft.config.experiment import expert_cfg
-
-    out = []
-    for name in ([cfg.expert] if cfg.expert else list(cfg.experts)):
-        ecfg = expert_cfg(cfg, name)
-        validate(ecfg)
-        out.append(estimate(ecfg, name))
-    return out
+    return [estimate(expert_config(cfg, name), name) for name in ([cfg.expert] if cfg.expert else list(cfg.experts))]
 
 
 def fit_resources(cfg, launcher: dict) -> dict:
@@ -245,3 +222,19 @@ def table(rows: list[tuple[str, Estimate]], gpus) -> str:
             _gb(e.activations_ckpt) + (" *" if e.checkpointing else ""), _gb(e.peak),
             f"{size} GB" if size else f"> {max(gpus)} GB"]) + " |")
     return "\n".join(lines)
+
+
+def preflight(cfg) -> None:
+    """Nothing to read: a plan is arithmetic on the config."""
+
+
+def show(points: list[tuple[str, object]], multirun: bool) -> None:
+    """The table for (label, config) of every point."""
+    rows = []
+    for n, (label, cfg) in enumerate(points):
+        rows += [(f"#{n} {label or n}" if multirun else label or str(n), e) for e in estimates(cfg)]
+    first, e0 = points[0][1], rows[0][1]
+    device = "GPU (bf16 compute)" if first.plan.device == "gpu" else "CPU (fp32)"
+    print(f"memory per {device} device, batch {e0.batch} x length {e0.seq}; GiB; * = the config's "
+          f"activation checkpointing setting (train.gradient_checkpointing)")
+    print(table(rows, list(first.plan.gpus)))

@@ -18,8 +18,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+from omegaconf import OmegaConf
+
 from polyft import console
 from polyft.errors import PolyftError
+from polyft.runs import load_runs
 
 # Resource levels as the multilingual PEFT and merging papers group them (by pretraining data).
 HIGH_RESOURCE = {"en", "de", "es", "fr", "ru", "zh", "ja", "it", "pt", "nl", "ar", "vi", "tr", "pl", "ko"}
@@ -226,7 +230,6 @@ def sweep_label(record: dict) -> dict:
     f = Path(record["run_dir"]) / ".hydra" / "overrides.yaml"
     if not f.exists():
         return {}
-    import yaml
 
     out = {}
     for o in yaml.safe_load(f.read_text()) or []:
@@ -259,8 +262,6 @@ def collect(records: list[dict]) -> list[dict]:
 
 
 def records_for(cfg) -> list[dict]:
-    from polyft.runs import load_runs
-
     root = Path(cfg.report.dir) if cfg.report.dir else Path(cfg.output_root)
     if not root.exists():
         raise PolyftError(f"report.dir={root}: no such directory")
@@ -310,9 +311,7 @@ def write_report(rows: list[dict], out_dir: Path, metric: str | None = None,
     return {"markdown": md, "tables": len(tables), "plots": [str(p) for p in plots], "dir": str(out_dir)}
 
 
-def _groups(cfg) -> dict:
-    from omegaconf import OmegaConf
-
+def groups_of(cfg) -> dict:
     return OmegaConf.to_container(cfg.report.groups, resolve=True) if cfg.report.get("groups") else {}
 
 
@@ -324,30 +323,7 @@ def command(cfg, record) -> None:
         raise PolyftError(f"no evaluation results found under {where}; run `polyft eval` or `polyft run` first")
     out = Path(cfg.report.out or Path(cfg.output_root) / "reports" / (cfg.exp_name or "latest"))
     merged = cfg.merge.name or "swap"
-    summary = write_report(rows, out, cfg.report.metric, merged, _groups(cfg))
+    summary = write_report(rows, out, cfg.report.metric, merged, groups_of(cfg))
     console.echo(summary["markdown"])
     record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}
     record.add_artifact("report", out, reused=False)
-
-
-try:  # Hydra calls this in the launching process after every point of a sweep has run
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - hydra is a dependency
-    Callback = object
-
-
-class SweepReport(Callback):
-    """After `polyft run -m ...`: one report over all the sweep's points (heatmap included)."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        if config.get("command") != "run":
-            return
-        from polyft.runs import load_runs
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = collect([r for r in load_runs(sweep_dir) if r.get("status") == "ok"])
-        if rows:
-            summary = write_report(rows, sweep_dir / "report", config.report.metric,
-                                   config.merge.name or config.merge.method, _groups(config))
-            print(summary["markdown"])
-            print(f"polyft: sweep report in {summary['dir']}")

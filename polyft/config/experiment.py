@@ -5,18 +5,17 @@ An experiment (`conf/exp/NAME.yaml`, `# @package _global_`) overrides groups and
     merge:     the experiment's main merge (the one a sweep varies), named by merge.name
     baselines: {soup: {method: linear, models: [math, lang]}, ...}
 A ref in merge.models / eval.models is `base`, an expert name, a merge name or a path;
-polyft.commands.merge.resolve_ref turns it into a directory (this module reads no products).
-
-Layers: config (schemas, group rules) < experiment (structure) < train < merge < eval < run < cli.
+polyft.products.resolve_ref turns it into a directory. This module reads no products and
+no data: an expert's named group options (`data: demo_math`) are config files, read here.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from polyft.config.schema import MergeConfig, option_file, option_names
 from polyft.errors import PolyftError
 
 GROUPS = ("model", "adapter", "quant", "data", "train")
@@ -25,8 +24,6 @@ GROUPS = ("model", "adapter", "quant", "data", "train")
 def _group_node(cfg: DictConfig, group: str, value):
     """An expert may name a group option (`data: demo_math`) or give it inline."""
     if isinstance(value, str):
-        from polyft.config.schema import option_file, option_names
-
         f = option_file(group, value, cfg.config_dirs)
         if f is None:
             raise PolyftError(f"{group}={value}: no such option; available: "
@@ -59,40 +56,6 @@ def expert_cfg(cfg: DictConfig, name: str) -> DictConfig:
             out[key] = OmegaConf.merge(OmegaConf.structured(type(OmegaConf.to_object(cfg[key]))), node)
         else:
             out[key] = OmegaConf.merge(out[key], node)
-    if out.adapter.get("match") and not cfg.get("expert"):  # a LoRA sized to a FLix expert
-        out = resolve_match(out, cfg)
-    return out
-
-
-def resolve_match(cfg, root):
-    """adapter.match=EXPERT (a LoRA expert beside a FLix expert of the experiment `root`): the
-    config with adapter.r set to the rank whose LoRA has the FLix expert's trainable parameter
-    count. FLix has one LoRA of rank r_t per value of each feature type on the same modules,
-    so that rank is sum_t r_t * n_t (n_t: the values the FLix expert's data carries)."""
-    if cfg.adapter.type != "lora" or not cfg.adapter.match:
-        return cfg
-
-    from polyft.adapters.flix import feature_values
-    from polyft.data.mixture import load_mixture
-    from polyft.models.load import is_offline
-
-    ref = cfg.adapter.match
-    if ref not in root.experts:
-        raise PolyftError(f"adapter.match={ref}: not an expert of this experiment")
-    other = expert_cfg(root, ref)
-    if other.adapter.type != "flix":
-        raise PolyftError(f"adapter.match={ref}: expert {ref} is adapter={other.adapter.type}, not flix")
-    if list(other.adapter.target_modules) != list(cfg.adapter.target_modules):
-        raise PolyftError(f"adapter.match={ref}: adapter.target_modules differ from expert {ref}'s "
-                          f"({list(other.adapter.target_modules)}); parameter counts would not match")
-    fa = other.adapter
-    values = feature_values(load_mixture(other.data, is_offline(other.offline)), list(fa.features))
-    counts = {t: int(fa.ranks[t]) * len(values[t]) for t in fa.features}
-    alpha = {t: fa.alpha[t] if OmegaConf.is_config(fa.alpha) else fa.alpha for t in fa.features}
-    out = copy.deepcopy(cfg)
-    out.adapter.r = sum(counts.values())
-    # the scale alpha / r of FLix's rank directions (their mean, weighted by rank, when it differs per type)
-    out.adapter.alpha = float(sum(counts[t] * alpha[t] / int(fa.ranks[t]) for t in fa.features))
     return out
 
 
@@ -112,8 +75,6 @@ def merge_cfg(cfg: DictConfig, name: str) -> DictConfig:
     if name == main_merge_name(cfg) and name not in cfg.baselines:
         return cfg
     out = copy.deepcopy(cfg)
-    from polyft.config.schema import MergeConfig
-
     out.merge = OmegaConf.merge(OmegaConf.structured(MergeConfig), cfg.baselines[name], {"name": name})
     return out
 
@@ -125,62 +86,60 @@ def eval_models(cfg: DictConfig) -> list[str]:
     return ["base", *cfg.experts, *merge_names(cfg)]
 
 
-def _check_swap_depth(cfg: DictConfig, m, where: str) -> None:
-    """A layer swap of two experts fits their depth, known before they are trained (from the
-    tiny spec, the preset's num_layers or a local config.json): a sweep point that cannot be
-    merged is refused before the experts train, not after."""
-    from polyft.config.schema import model_layer_count
+def layer_count(model_cfg) -> int | None:
+    """The depth known without reading files: the tiny spec's, or a hub preset's num_layers."""
+    if model_cfg.tiny is not None and not model_cfg.path:
+        return model_cfg.tiny.num_layers
+    return model_cfg.num_layers
 
+
+def _check_swap_depth(cfg: DictConfig, m, where: str) -> None:
+    """A layer swap of two experts fits their depth, when it is known from the config: a
+    sweep point that cannot be merged is refused before the experts train, not after (the
+    merge's preflight checks the trained models' headers too)."""
     if m.method != "layer_swap" or m.middle not in cfg.experts:
         return
-    n = model_layer_count(expert_cfg(cfg, m.middle).model)
+    n = layer_count(expert_cfg(cfg, m.middle).model)
     used = m.bottom + m.top + m.transition_bottom + m.transition_top
     if n is not None and used > n:
         raise PolyftError(f"{where}.bottom + top + transition_bottom + transition_top = {used} layers, "
                           f"but {cfg.model.name} has {n}; the four zones must fit in {n} layers")
 
 
-def validate_experiment(cfg: DictConfig) -> None:
-    """Structure only (no files): experts compose and validate, refs name something produced."""
-    from polyft.config.schema import validate
+def unproduced_refs(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(config key, ref) of every ref that no earlier stage of the experiment produces, in
+    stage order: each must be a path, which the command's preflight checks (no files here)."""
+    made, out = {"base"}, []
+    for name in cfg.experts:
+        init = expert_cfg(cfg, name).adapter.init_from
+        if init and init not in made:
+            out.append((f"experts.{name}.adapter.init_from", str(init)))
+        made.add(name)
+    if cfg.command in ("merge", "eval", "run"):
+        for name in merge_names(cfg):
+            m = merge_cfg(cfg, name).merge
+            where = "merge" if name == main_merge_name(cfg) and name not in cfg.baselines else f"baselines.{name}"
+            out += [(where, str(r)) for r in [*m.models, *m.adapters, m.base, m.middle, m.outer]
+                    if r is not None and str(r) not in made]
+            made.add(name)
+    if cfg.command in ("eval", "run") and cfg.experts:
+        out += [("eval.models", r) for r in eval_models(cfg) if r not in made]
+    return out
 
-    produced = {"base"}
+
+def validate_structure(cfg: DictConfig, validate_groups) -> None:
+    """Structure only (no files): each expert composes and passes `validate_groups`, the
+    expert a run selects exists, merges fit the experts' depth."""
     for name in cfg.experts:
         ecfg = expert_cfg(cfg, name)
         with open_dict(ecfg):
             ecfg.command = "train"
             ecfg.experts, ecfg.baselines, ecfg.expert = {}, {}, None
-        validate(ecfg)
-        init = ecfg.adapter.init_from
-        if init and init not in produced and not Path(init).exists():
-            raise PolyftError(f"experts.{name}.adapter.init_from={init}: not an earlier expert nor a directory")
-        produced.add(name)
+        validate_groups(ecfg)
     if cfg.expert and cfg.expert not in cfg.experts:
         raise PolyftError(f"expert={cfg.expert}: not defined by exp={cfg.exp_name}; "
                           f"its experts: {', '.join(cfg.experts) or '(none)'}")
-    if cfg.command not in ("merge", "eval", "run"):
-        return
-    for name in merge_names(cfg):
-        m = merge_cfg(cfg, name).merge
-        where = "merge" if name == main_merge_name(cfg) and name not in cfg.baselines else f"baselines.{name}"
-        for ref in [*m.models, *m.adapters, m.base, m.middle, m.outer]:
-            if ref is not None and str(ref) not in produced and not Path(str(ref)).exists():
-                raise PolyftError(f"{where} names model '{ref}', which no stage of exp={cfg.exp_name} "
-                                  f"produces; known: {', '.join(sorted(produced))}")
-        _check_swap_depth(cfg, m, where)
-        produced.add(name)
-    if cfg.command in ("eval", "run") and cfg.experts:
-        for ref in eval_models(cfg):
-            if ref not in produced and not Path(ref).exists():
-                raise PolyftError(f"eval.models names '{ref}', which no stage of exp={cfg.exp_name} "
-                                  f"produces; known: {', '.join(sorted(produced))}")
-
-
-def validate_run(cfg: DictConfig) -> None:
-    """validate() of the groups, then, for an experiment, of its structure: what a command
-    checks before it reads any file."""
-    from polyft.config.schema import validate
-
-    validate(cfg)
-    if cfg.experts or cfg.baselines:
-        validate_experiment(cfg)
+    if cfg.command in ("merge", "eval", "run"):
+        for name in merge_names(cfg):
+            where = "merge" if name == main_merge_name(cfg) and name not in cfg.baselines else f"baselines.{name}"
+            _check_swap_depth(cfg, merge_cfg(cfg, name).merge, where)

@@ -1,23 +1,19 @@
-"""Typed schemas for every config group, and the one cross-field `validate()`.
+"""Typed schemas for every config group (dataclasses, one per group; names match conf/).
 
-The dataclasses are registered in Hydra's ConfigStore as the root schema, so unknown keys
-and wrong types fail at compose time. `validate()` holds the rules a type cannot say; it
-runs before any heavy import or any write. Nothing here imports torch.
+Hydra's ConfigStore holds RootConfig as the root schema, so unknown keys and wrong types fail
+at compose time; the rules a type cannot say are polyft.config.rules'.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from polyft.errors import ConfigError
 from polyft.models.tiny import TinySpec
 
-COMMANDS = ("train", "merge", "eval", "run", "report", "plan")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the shipped options; users add theirs (polyft.cli.compose)
 
 
@@ -265,14 +261,6 @@ class RootConfig:
     config_dirs: List[str] = field(default_factory=list)
 
 
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    if "polyft_schema.yaml" not in store.repo:  # once per process: building the node is not free
-        store.store(name="polyft_schema", node=RootConfig)
-
-
 def option_file(group: str, name: str, config_dirs=()) -> Path | None:
     """conf/<group>/<name>.yaml in polyft's conf, else in the first user directory holding it."""
     if "/" in name:
@@ -288,257 +276,5 @@ def option_names(group: str, config_dirs=()) -> list[str]:
     return sorted({f.stem for d in [CONF_DIR, *map(Path, config_dirs)] for f in (d / group).glob("*.yaml")})
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value} is not allowed; use one of: {', '.join(map(str, allowed))}")
-
-
-def _check_flix(a) -> None:
-    from polyft.adapters.flix import FEATURE_TYPES
-
-    if not a.features:
-        raise ConfigError(f"adapter.features is empty; name feature types: {', '.join(FEATURE_TYPES)}")
-    for ftype in [*a.features, *a.ranks, *(a.alpha if isinstance(a.alpha, (dict, DictConfig)) else {})]:
-        if ftype not in FEATURE_TYPES:
-            raise ConfigError(f"adapter: unknown feature type {ftype}; FLix features are row fields: "
-                              f"{', '.join(FEATURE_TYPES)}")
-    if len(set(a.features)) != len(a.features):
-        raise ConfigError(f"adapter.features={list(a.features)} names a feature type twice")
-    for ftype in a.features:
-        r = a.ranks.get(ftype)
-        if r is None or r <= 0:
-            raise ConfigError(f"adapter.ranks.{ftype}={r} is not allowed; each feature type needs a rank > 0")
-        alpha = a.alpha.get(ftype) if isinstance(a.alpha, (dict, DictConfig)) else a.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise ConfigError(f"adapter.alpha.{ftype}={alpha} is not allowed; each feature type needs alpha > 0")
-    if not 0 <= a.feature_dropout < 1:
-        raise ConfigError(f"adapter.feature_dropout={a.feature_dropout} is not allowed; it must be in [0, 1)")
-
-
-def _check_adapter(a) -> None:
-    _choice("adapter.type", a.type, ("full", "lora", "flix"))
-    if a.type == "flix":
-        _check_flix(a)
-    elif a.type != "full":
-        if a.r <= 0:
-            raise ConfigError(f"adapter.r={a.r} is not allowed; the LoRA rank must be a positive integer")
-        if not a.match and (isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or a.alpha <= 0):
-            raise ConfigError(f"adapter.alpha={a.alpha} is not allowed; it must be a number > 0")
-        if not 0 <= a.dropout < 1:
-            raise ConfigError(f"adapter.dropout={a.dropout} is not allowed; it must be in [0, 1)")
-        if not a.target_modules:
-            raise ConfigError("adapter.target_modules is empty; name module names or all-linear")
-
-
-def _check_quant(q) -> None:
-    _choice("quant.bits", q.bits, (None, 4, 8))
-    _choice("quant.quant_type", q.quant_type, ("nf4", "fp4"))
-
-
-def _check_data(d) -> None:
-    if d.temperature <= 0:
-        raise ConfigError(f"data.temperature={d.temperature} is not allowed; it must be > 0")
-    if d.max_length <= 8:
-        raise ConfigError(f"data.max_length={d.max_length} is not allowed; it must be > 8")
-    if not d.sources:
-        raise ConfigError(f"data={d.name} has no sources; add at least one under data.sources")
-    for name, s in d.sources.items():
-        key = f"data.sources.{name}"
-        _choice(f"{key}.type", s.type, ("synthetic", "jsonl", "parquet", "csv", "hub", "xtremeup"))
-        if s.weight <= 0:
-            raise ConfigError(f"{key}.weight={s.weight} is not allowed; mixture weights must be > 0")
-        if s.max_rows is not None and s.max_rows <= 0:
-            raise ConfigError(f"{key}.max_rows={s.max_rows} is not allowed; it must be > 0")
-        if s.type == "synthetic":
-            from polyft.data.synthetic import GENERATORS, LANGS
-
-            _choice(f"{key}.generator", s.generator, GENERATORS)
-            for lang in s.langs:
-                _choice(f"{key}.langs", lang, LANGS)
-            if s.n <= 0:
-                raise ConfigError(f"{key}.n={s.n} is not allowed; synthetic sources need n > 0")
-        elif s.type == "xtremeup":
-            from polyft.data.xtremeup import LAYOUT, SPLITS, TASKS
-
-            if not s.path:  # data=xtremeup takes it from eval.xtremeup_root
-                raise ConfigError(f"{key}.path is missing; an xtremeup source needs the release root "
-                                  f"({LAYOUT}); with data=xtremeup set eval.xtremeup_root=DIR")
-            _choice(f"{key}.task", s.task, TASKS)
-            _choice(f"{key}.split", s.split, SPLITS)
-        elif not s.path:
-            raise ConfigError(f"{key}.path is missing; a {s.type} source needs a path or dataset id")
-
-
-def _check_train(t) -> None:
-    if t.num_processes < 1:
-        raise ConfigError(f"train.num_processes={t.num_processes} is not allowed; it must be >= 1")
-    _choice("train.distributed", t.distributed, ("ddp", "fsdp", "deepspeed"))
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr={t.lr} is not allowed; it must be > 0")
-    if t.batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
-    if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
-        raise ConfigError("train.max_steps must be > 0 (or -1 with train.epochs > 0)")
-    if not 0 <= t.warmup_ratio < 1:
-        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} is not allowed; it must be in [0, 1)")
-    if t.save_steps < 1:
-        raise ConfigError(f"train.save_steps={t.save_steps} is not allowed; it must be >= 1")
-
-
-def _check_merge(m) -> None:
-    """Choices and ranges of the merge group; polyft.commands.merge.check does the files."""
-    from polyft.adapters import lora as adapter_space
-    from polyft.merge.io import parse_size
-    from polyft.merge.registry import names
-
-    _choice("merge.method", m.method, tuple(sorted(names() + adapter_space.names())))
-    _choice("merge.non_layer", m.non_layer, ("outer", "middle", "average"))
-    _choice("merge.sign_tie", m.sign_tie, ("positive", "majority"))
-    _choice("merge.vocab", m.vocab, ("strict", "first"))
-    _choice("merge.dtype", m.dtype, (None, "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
-
-    def numbers(key, value, ok=lambda x: True, allowed="a number"):
-        """A number, or a non-empty list of numbers (a gradient over layer depth)."""
-        values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v)
-                             for v in values):
-            raise ConfigError(f"{key}={value} is not allowed; use {allowed}, or a list of them "
-                              "(anchors spread over layer depth)")
-
-    numbers("merge.density", m.density, lambda x: 0 < x <= 1, "a density in (0, 1]")
-    numbers("merge.t", m.t, lambda x: 0 <= x <= 1, "an interpolation factor in [0, 1]")
-    numbers("merge.scale", m.scale)
-    for i, w in enumerate(m.weights or []):
-        numbers(f"merge.weights[{i}]", w)
-    if not isinstance(m.slack, (int, float)) or not 0 <= m.slack <= 1:
-        raise ConfigError(f"merge.slack={m.slack} is not allowed; use a number in [0, 1]")
-    for key in ("bottom", "top", "transition_bottom", "transition_top"):
-        if m[key] < 0:
-            raise ConfigError(f"merge.{key}={m[key]} is not allowed; a number of layers is >= 0")
-    if len(m.blend) != 2 or min(m.blend) < 0 or sum(m.blend) <= 0:
-        raise ConfigError(f"merge.blend={list(m.blend)} is not allowed; give [w_middle, w_outer], "
-                          "two weights >= 0 with a positive sum")
-    if parse_size(m.shard_size) <= 0:
-        raise ConfigError(f"merge.shard_size={m.shard_size} is not allowed; it must be > 0")
-    if m.method == "lorahub":
-        _check_lorahub(m)
-
-
-def _check_lorahub(m) -> None:
-    """Values of merge=lorahub; polyft.merge.lorahub.check does the adapters and the data."""
-    if len(m.adapters) < 2:
-        raise ConfigError(f"merge.adapters has {len(m.adapters)} adapter(s); merge=lorahub composes two or "
-                          "more LoRA directories: merge.adapters=[a,b,...]")
-    if m.budget <= 0:
-        raise ConfigError(f"merge.budget={m.budget} is not allowed; the number of candidate evaluations must be > 0")
-    if len(m.bounds) != 2 or not m.bounds[0] < m.bounds[1]:
-        raise ConfigError(f"merge.bounds={list(m.bounds)} is not allowed; give [low, high] with low < high")
-    if m.l1 < 0:
-        raise ConfigError(f"merge.l1={m.l1} is not allowed; the L1 coefficient must be >= 0")
-    if m.batch_size is not None and m.batch_size < 1:
-        raise ConfigError(f"merge.batch_size={m.batch_size} is not allowed; it must be >= 1 (or null: all shots)")
-    _choice("merge.objective", m.objective, ("authors", "token_mean"))
-    if m.max_length is not None and m.max_length <= 8:
-        raise ConfigError(f"merge.max_length={m.max_length} is not allowed; it must be > 8 (or null)")
-    if m.data is None or (isinstance(m.data, str) and not m.data.strip()):
-        raise ConfigError("merge.data is missing; merge=lorahub needs the few-shot examples: a jsonl file "
-                          "with prompt and response fields, a data option name or a data config")
-
-
-def _check_eval(e) -> None:
-    """Rules for the eval group (task names, languages, models and data: polyft.commands.eval)."""
-    _choice("eval.backend", e.backend, ("hf", "vllm"))
-    bs = e.batch_size
-    factor = bs[5:] if isinstance(bs, str) and bs.startswith("auto:") else "1"
-    if not ((isinstance(bs, int) and not isinstance(bs, bool) and bs >= 1)
-            or (isinstance(bs, str) and bs.split(":")[0] == "auto" and factor.replace(".", "", 1).isdigit())):
-        raise ConfigError(f"eval.batch_size={bs} is not allowed; use a positive integer or auto (auto:N)")
-    if e.limit is not None and e.limit < 1:
-        raise ConfigError(f"eval.limit={e.limit} is not allowed; it must be >= 1 (or null for all)")
-    if e.num_fewshot is not None and e.num_fewshot < 0:
-        raise ConfigError(f"eval.num_fewshot={e.num_fewshot} is not allowed; it must be >= 0")
-    if not e.tasks:
-        raise ConfigError(f"eval={e.suite} has no tasks; list them under eval.tasks")
-    for i, t in enumerate(e.tasks):
-        entry = {"name": t} if isinstance(t, str) else t
-        if not isinstance(entry, (dict, DictConfig)) or not isinstance(entry.get("name"), str) or not entry["name"]:
-            raise ConfigError(f"eval.tasks[{i}]={t} is not allowed; give a task name or {{name: ..., lang: ...}}")
-        unknown = set(entry) - {"name", "lang", "num_fewshot", "limit", "dataset", "apply_chat_template", "task"}
-        if unknown:
-            raise ConfigError(f"eval.tasks[{i}].{sorted(unknown)[0]}: unknown key; allowed keys: name, lang, "
-                              "num_fewshot, limit, dataset, apply_chat_template, task")
-        if entry.get("apply_chat_template") not in (None, True, False):
-            raise ConfigError(f"eval.tasks[{i}].apply_chat_template={entry['apply_chat_template']} is not "
-                              "allowed; use true or false")
-        for key in ("num_fewshot", "limit"):
-            v = entry.get(key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (key == "limit")):
-                raise ConfigError(f"eval.tasks[{i}].{key}={v} is not allowed; it must be an integer >= {int(key == 'limit')}")
-    refs = list(e.models) if e.models is not None else [e.model]
-    if not refs or any(not isinstance(r, str) or not r.strip() for r in refs):
-        raise ConfigError("eval.model / eval.models: give base or model/adapter paths")
-    if len(set(refs)) != len(refs):
-        raise ConfigError(f"eval.models lists a model twice: {', '.join(refs)}")
-    if e.langs is not None and not e.langs:
-        raise ConfigError("eval.langs is empty; give languages (e.g. [sw, te]) or null for all")
-
-
-def _check_plan(p) -> None:
-    _choice("plan.device", p.device, ("gpu", "cpu"))
-    for key in ("batch_size", "seq_len"):
-        if p[key] is not None and p[key] < 1:
-            raise ConfigError(f"plan.{key}={p[key]} is not allowed; it must be >= 1 (or null: the train config's)")
-    if not p.gpus or any(g <= 0 for g in p.gpus):
-        raise ConfigError(f"plan.gpus={list(p.gpus)} is not allowed; give GPU memory sizes in GB, e.g. [24,40,80]")
-    for size in p.gres:
-        if not str(size).isdigit() or int(size) not in p.gpus:
-            raise ConfigError(f"plan.gres.{size}: not one of plan.gpus ({', '.join(map(str, p.gpus))})")
-
-
-def _check_flix_data(cfg) -> None:
-    if cfg.adapter.type == "flix" and cfg.data.packing:
-        raise ConfigError("data.packing=true is not allowed with adapter=flix; packed sequences would mix "
-                          "the features of several examples")
-    if cfg.adapter.type == "flix" and cfg.merge_back:
-        raise ConfigError("merge_back=true is not allowed with adapter=flix; merge one feature set with "
-                          "polyft merge merge=flix_compose instead")
-    if cfg.adapter.match and cfg.adapter.type != "lora":
-        raise ConfigError(f"adapter.match={cfg.adapter.match} is for adapter=lora in an experiment whose experts include {cfg.adapter.match} (adapter=flix)")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Cross-field rules for the groups the command uses. Raises ConfigError (one line).
-    An experiment's structure (experts, merges, refs) is polyft.config.experiment.validate_run's."""
-    _choice("command", cfg.command, COMMANDS)
-    _choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
-    _choice("model.chat_template", cfg.model.chat_template, ("model", "plain"))
-    if cfg.command == "plan" or cfg.plan.fit:
-        _check_plan(cfg.plan)
-    if cfg.command in ("train", "run", "plan"):
-        _check_adapter(cfg.adapter)
-        _check_quant(cfg.quant)
-        _check_data(cfg.data)
-        _check_flix_data(cfg)
-        _check_train(cfg.train)
-    if cfg.command in ("merge", "run"):
-        _check_merge(cfg.merge)
-    if cfg.command in ("eval", "run"):
-        _check_eval(cfg.eval)
-
-
 def to_container(cfg: DictConfig | ListConfig) -> Any:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-
-
-def model_layer_count(model_cfg, resolved_path: str | None = None) -> int | None:
-    """Number of transformer layers, from the tiny spec, a local config.json or the preset."""
-    from polyft.models.load import builds_tiny
-
-    if builds_tiny(model_cfg):
-        return model_cfg.tiny.num_layers
-    path = Path(resolved_path or model_cfg.path or "") / "config.json"
-    if path.is_file():
-        conf = json.loads(path.read_text())
-        return conf.get("num_hidden_layers") or conf.get("text_config", {}).get("num_hidden_layers")
-    return model_cfg.num_layers

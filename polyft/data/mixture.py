@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
+from polyft.data.sources import load_source
 from polyft.errors import PolyftError
 
 
@@ -59,7 +60,6 @@ def build_mixture(sources: dict[str, list[dict]], weights: dict[str, float],
 
 def load_mixture(data_cfg, offline: bool) -> list[dict]:
     """The sampled training rows for a data config (every source read, then mixed)."""
-    from polyft.data.sources import load_source
 
     sources = {name: load_source(f"data.sources.{name}", src, data_cfg.seed, offline)
                for name, src in data_cfg.sources.items()}

@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from polyft.data import xtremeup
 from polyft.data.jsonl import jsonl_rows
+from polyft.data.synthetic import generate
 from polyft.errors import PolyftError
 
 
@@ -45,8 +47,6 @@ def _read_hub(key: str, src, offline: bool) -> list[dict]:
 def raw_rows(key: str, src, seed: int, offline: bool) -> list[dict]:
     """The source's rows as stored, before field mapping."""
     if src.type == "synthetic":
-        from polyft.data.synthetic import generate
-
         return generate(src.generator, list(src.langs), src.n, seed)
     if src.type == "hub":
         return _read_hub(key, src, offline)
@@ -57,8 +57,6 @@ def raw_rows(key: str, src, seed: int, offline: bool) -> list[dict]:
 
 
 def _xtremeup_rows(key: str, src) -> list[dict]:
-    from polyft.data import xtremeup
-
     rows = xtremeup.load(src.path, src.task, src.split, list(src.langs), f"{key}.path={src.path}")
     fixed = {k: v for k, v in src.features.items() if k in ("lang", "task")}
     return [{**r, **fixed, "source": key.rsplit(".", 1)[-1]} for r in rows]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from polyft.data.jsonl import jsonl_rows
 from polyft.errors import PolyftError
 
 LAYOUT = "<root>/<task>/<split>/<lang>.jsonl"
@@ -128,7 +129,6 @@ def lang_file(root: str, task: str, split: str, lang: str, what: str) -> Path:
 
 def read_file(path: Path, task: str) -> list[dict]:
     """A release file's rows; each must be JSON with the task's fields as strings."""
-    from polyft.data.jsonl import jsonl_rows
 
     rows = []
     for i, row in jsonl_rows(path):

@@ -29,8 +29,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from polyft.data import synthetic, xtremeup
+from polyft.data.synthetic import NUMBER_WORDS, generate
 from polyft.errors import PolyftError
 from polyft.eval.specs import Family, TaskSpec
+from polyft.runs import file_lock
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # dataset_path values that are datasets builders reading given files, not hub ids.
@@ -155,7 +158,6 @@ def xtremeup_files(spec: TaskSpec, root: str | None) -> None:
     """Point an xtremeup_<task>_<lang> task at the release files it scores (test) and takes
     few-shot examples from (train, only when num_fewshot > 0). The task's loader
     (tasks/xtremeup/utils.py) turns them into prompts with polyft.data.xtremeup."""
-    from polyft.data import xtremeup
 
     task, lang = spec.family.xtremeup_task, spec.family_lang
     if not root:
@@ -179,7 +181,6 @@ def xtremeup_files(spec: TaskSpec, root: str | None) -> None:
 
 def _synthetic_digest() -> str:
     """Changes when polyft's synthetic data code changes, so cached demo files follow it."""
-    from polyft.data import synthetic
 
     h = hashlib.sha256(Path(synthetic.__file__).read_bytes())
     h.update(f"{DEMO_TEST_ROWS}:{DEMO_FEWSHOT_ROWS}:{DEMO_SEED}".encode())
@@ -196,7 +197,6 @@ def demo_files(spec: TaskSpec, demo_root: Path) -> None:
 
 def demo_rows(family: Family, lang: str, n: int, seed: int) -> list[dict]:
     """Rows of a demo task; the instruction rows get four choices, one of them right."""
-    from polyft.data.synthetic import NUMBER_WORDS, generate
 
     rows = generate(family.generator, [lang], n, seed)
     if family.generator != "instructions":
@@ -213,7 +213,6 @@ def demo_rows(family: Family, lang: str, n: int, seed: int) -> list[dict]:
 
 def write_demo_data(spec: TaskSpec) -> None:
     """Generate a demo task's files once (atomic: written aside, then renamed)."""
-    from polyft.runs import file_lock
 
     test = Path(spec.data_files["test"])
     directory = test.parent

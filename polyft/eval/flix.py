@@ -12,12 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from polyft import console
+from polyft.adapters.flix import FlixConfig, compose_to_peft, resolve_feature_set
 from polyft.errors import PolyftError
+from polyft.eval.harness import merge_results
+from polyft.eval.models import ModelRef
 
 
 def feature_sets(m, specs) -> dict[tuple, list]:
     """(resolved feature set as sorted items) -> the specs it scores; notices printed once."""
-    from polyft.adapters.flix import FlixConfig, resolve_feature_set
 
     cfg = FlixConfig.load(m.path, f"eval.model={m.ref}")
     groups: dict[tuple, list] = {}
@@ -41,9 +43,6 @@ def check(models, specs) -> None:
 def evaluate(m, specs, out_dir: Path, score) -> tuple[dict, list[dict]]:
     """Compose each feature set under out_dir/composed/ and score its tasks with
     `score(adapter_ref, specs) -> (results, rows)`; returns merged results and all rows."""
-    from polyft.adapters.flix import FlixConfig, compose_to_peft, resolve_feature_set
-    from polyft.eval.harness import merge_results
-    from polyft.eval.models import ModelRef
 
     cfg = FlixConfig.load(m.path)
     parts, rows = [], []

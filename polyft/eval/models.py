@@ -15,8 +15,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from polyft import console
+from polyft.adapters.flix import FlixConfig
+from polyft.data.formatting import use_chat_template
 from polyft.errors import PolyftError
-from polyft.models.load import check_model_dir, hub_cached, looks_like_hub_id
+from polyft.models.load import check_model_dir, hub_cached, load_base, looks_like_hub_id
 from polyft.runs import read_manifest
 
 _WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".jinja", ".txt")
@@ -63,8 +66,6 @@ def describe(ref: str, path: str, *, allow_pickle: bool = False, offline: bool =
                               "base_model_name_or_path in adapter_config.json to a local directory")
         return ModelRef(ref, str(p.resolve()), "adapter", base)
     if (p / "flix_config.json").is_file():
-        from polyft.adapters.flix import FlixConfig
-
         base = FlixConfig.load(p, key).base_model_name_or_path
         if not base or not Path(base).exists():
             raise PolyftError(f"{key}: its base model {base} does not exist; fix base_model_name_or_path "
@@ -148,7 +149,6 @@ class HFModels:
                 _KEPT.update(peft=None, adapter=None)
             return _KEPT["model"]
         release()
-        from polyft.models.load import load_base
 
         device_map = None if self.device == "cpu" else {"": self.device}
         # lm-eval's dtype=auto is the checkpoint's own dtype (config.json), not polyft's
@@ -185,8 +185,6 @@ class HFModels:
         picks one as it does for a path), with model.chat_template's template if asked for."""
         from transformers import AutoTokenizer
 
-        from polyft.data.formatting import use_chat_template
-
         source = tokenizer_source(m)
         revision = None if Path(source).is_dir() else self.model_cfg.revision  # a hub base's pin
         tok = AutoTokenizer.from_pretrained(source, revision=revision, use_fast=True,
@@ -206,8 +204,6 @@ def progress_lm():
     """HFLM drawing polyft's one bar over each batch of requests (lm-eval's own bars off):
     counted per forward pass, it is the same computation HFLM does."""
     from lm_eval.models.huggingface import HFLM
-
-    from polyft import console
 
     class ProgressLM(HFLM):
         bar = None

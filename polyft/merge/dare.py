@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 
+from polyft.merge import ties
 from polyft.merge.registry import register
 from polyft.merge.ties import agrees, consensus, elect_sign, majority_of
 
@@ -59,7 +60,8 @@ def sparse_task_vectors(tensors, base, density, seed, name, row0):
     return out
 
 
-@register("dare_linear", params=("weights", "scale", "density", "seed", "name", "row0"), needs_base=True)
+@register("dare_linear", params=("weights", "scale", "density", "seed", "name", "row0"), needs_base=True,
+          rules=ties.density_rule)
 def dare_linear(tensors, base, *, weights, density, name, scale=1.0, seed=0, row0=0):
     delta = base.new_zeros(base.shape)
     for v, w in zip(sparse_task_vectors(tensors, base, density, seed, name, row0), weights):
@@ -82,7 +84,7 @@ def prepare_majority(chunks, *, weights, density, name, seed=0, sign_tie="positi
 
 
 @register("dare_ties", params=("weights", "scale", "density", "seed", "name", "row0", "sign_tie", "normalize"),
-          needs_base=True, prepare=prepare_majority)
+          needs_base=True, prepare=prepare_majority, rules=ties.rules)
 def dare_ties(tensors, base, *, weights, density, name, scale=1.0, seed=0, row0=0, sign_tie="positive",
               normalize=False, majority=None):
     sparse = sparse_task_vectors(tensors, base, density, seed, name, row0)

@@ -17,9 +17,21 @@ lm_head) come from `non_layer`: outer, middle or their average. Blend weights ar
 
 from __future__ import annotations
 
+from polyft.checks import choice
+from polyft.errors import ConfigError
 from polyft.merge.registry import register
 
 NON_LAYER = ("outer", "middle", "average")
+
+
+def rules(m) -> None:
+    choice("merge.non_layer", m.non_layer, NON_LAYER)
+    for key in ("bottom", "top", "transition_bottom", "transition_top"):
+        if m[key] < 0:
+            raise ConfigError(f"merge.{key}={m[key]} is not allowed; a number of layers is >= 0")
+    if len(m.blend) != 2 or min(m.blend) < 0 or sum(m.blend) <= 0:
+        raise ConfigError(f"merge.blend={list(m.blend)} is not allowed; give [w_middle, w_outer], "
+                          "two weights >= 0 with a positive sum")
 
 
 def zone(layer: int, n_layers: int, bottom: int, top: int, transition_bottom: int,
@@ -42,7 +54,7 @@ def mix(layer: int | None, n_layers: int, *, bottom: int = 0, top: int = 0, tran
     return {"outer": (0.0, 1.0), "middle": (1.0, 0.0), "blend": blended}[where]
 
 
-@register("layer_swap", params=("mix",), min_models=2, max_models=2, route=mix)
+@register("layer_swap", params=("mix",), min_models=2, max_models=2, route=mix, rules=rules)
 def layer_swap(tensors, base=None, *, mix):
     middle, outer = tensors
     return middle * mix[0] + outer * mix[1]

@@ -27,22 +27,57 @@ Ranks must be equal, and so must alpha and rsLoRA: zero-padding a smaller rank w
 exact for the sum, but the adapters' scalings alpha/r would then differ and the product has
 one scaling, so the product's tensors would no longer be sum w_i A_i. Refused instead.
 
-Reads top to bottom: inputs (no torch), then the maths, the objective, the search, build.
+Reads top to bottom: rules, inputs (no torch), then the maths, the objective, the search, build.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from polyft import console
+from polyft.adapters.lora import WEIGHTS_FILE, copy_tokenizer, read_lora, read_lora_config, write_lora
+from polyft.checks import choice
+from polyft.data.formatting import check_chat_template, encode, use_chat_template
+from polyft.data.jsonl import jsonl_rows
 from polyft.errors import ConfigError, PolyftError
+from polyft.merge.io import has_tokenizer, read_header
+from polyft.merge.registry import register_adapter
+from polyft.models.load import load_tokenizer
+from polyft.runs import config_hash, fingerprint, read_manifest
 
 KEY = "merge.adapters"
 # adapter_config.json entries that change what the factors mean; they must agree
 _SAME = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
 _JSONL_MAX_LENGTH = 1024
+
+
+OBJECTIVES = ("authors", "token_mean")
+
+
+# ---------------------------------------------------------------- rules (pure)
+
+def rules(m) -> None:
+    if len(m.adapters) < 2:
+        raise ConfigError(f"merge.adapters has {len(m.adapters)} adapter(s); merge=lorahub composes two or "
+                          "more LoRA directories: merge.adapters=[a,b,...]")
+    if m.budget <= 0:
+        raise ConfigError(f"merge.budget={m.budget} is not allowed; the number of candidate evaluations must be > 0")
+    if len(m.bounds) != 2 or not m.bounds[0] < m.bounds[1]:
+        raise ConfigError(f"merge.bounds={list(m.bounds)} is not allowed; give [low, high] with low < high")
+    if m.l1 < 0:
+        raise ConfigError(f"merge.l1={m.l1} is not allowed; the L1 coefficient must be >= 0")
+    if m.batch_size is not None and m.batch_size < 1:
+        raise ConfigError(f"merge.batch_size={m.batch_size} is not allowed; it must be >= 1 (or null: all shots)")
+    choice("merge.objective", m.objective, OBJECTIVES)
+    if m.max_length is not None and m.max_length <= 8:
+        raise ConfigError(f"merge.max_length={m.max_length} is not allowed; it must be > 8 (or null)")
+    if m.data is None or (isinstance(m.data, str) and not m.data.strip()):
+        raise ConfigError("merge.data is missing; merge=lorahub needs the few-shot examples: a jsonl file "
+                          "with prompt and response fields, a data option name or a data config")
 
 
 # ---------------------------------------------------------------- inputs (no torch)
@@ -61,22 +96,16 @@ def _base_identity(ref: str) -> str:
     return str(p.resolve()) if p.exists() else ref
 
 
-def resolve_inputs(cfg, resolve) -> Inputs:
+def resolve_inputs(cfg, refs) -> Inputs:
     """The adapter directories, after the rules that make their sum well defined."""
-    from polyft.adapters.lora import WEIGHTS_FILE, read_lora_config
-    from polyft.merge.io import read_header
-
     m = cfg.merge
-    if len(m.adapters) < 2:
-        raise ConfigError(f"{KEY} has {len(m.adapters)} adapter(s); merge=lorahub composes two or more "
-                          "LoRA directories: merge.adapters=[a,b,...]")
     paths, keys, configs, shapes = [], [], [], []
     for i, ref in enumerate(m.adapters):
         key = f"{KEY}[{i}]"
         if not isinstance(ref, str) or not ref:
             raise ConfigError(f"{key}={ref}: expected a LoRA adapter directory or an expert name")
         try:
-            path = resolve(cfg, ref)
+            path = refs.path(ref)
         except PolyftError as exc:
             raise type(exc)(f"{key}: {exc}") from None
         conf = read_lora_config(path, f"{key}={ref}")
@@ -116,7 +145,7 @@ def resolve_inputs(cfg, resolve) -> Inputs:
                               "composed LoRAs must share one base model")
     if m.base:
         try:
-            base = resolve(cfg, m.base)
+            base = refs.path(m.base)
         except PolyftError as exc:
             raise type(exc)(f"merge.base: {exc}") from None
         where = f"merge.base={m.base}"
@@ -127,48 +156,19 @@ def resolve_inputs(cfg, resolve) -> Inputs:
     return Inputs(paths, keys, configs, sorted(shapes[0]), Path(base).resolve())
 
 
-def _data_config(node):
-    from omegaconf import OmegaConf
-
-    from polyft.config.schema import DataConfig, _check_data
-
-    dc = OmegaConf.merge(OmegaConf.structured(DataConfig), node)
-    _check_data(dc)
-    return dc
-
-
-def _data_option(name: str, config_dirs=()):
-    from omegaconf import OmegaConf
-
-    from polyft.config.schema import option_file
-
-    f = option_file("data", name, config_dirs)
-    return OmegaConf.load(f) if f is not None else None
-
-
-def few_shot_rows(cfg) -> tuple[list[dict], int]:
-    """The few-shot rows {prompt, response, lang, task} and the tokens kept per row."""
-    from omegaconf import DictConfig
-
-    from polyft.models.load import is_offline
-
+def few_shot_rows(cfg, refs) -> tuple[list[dict], int]:
+    """The few-shot rows {prompt, response, lang, task} and the tokens kept per row: from a
+    data option or mapping (the command layer's `refs.data`), else from a jsonl file."""
     m = cfg.merge
+    found = refs.data(m.data)
+    if found is not None:
+        rows, max_length = found
+        return rows, m.max_length or max_length
+    path = Path(str(m.data)).expanduser()
     data = m.data
-    if data is None or (isinstance(data, str) and not data.strip()):
-        raise ConfigError("merge.data is missing; merge=lorahub needs the few-shot examples: a jsonl file "
-                          "with prompt and response fields, a data option name or a data config")
-    if isinstance(data, (dict, DictConfig)) or (isinstance(data, str) and _data_option(data, cfg.config_dirs) is not None):
-        from polyft.data.mixture import load_mixture
-
-        dc = _data_config(data if not isinstance(data, str) else _data_option(data, cfg.config_dirs))
-        rows = load_mixture(dc, is_offline(cfg.offline))
-        return rows, m.max_length or dc.max_length
-    path = Path(str(data)).expanduser()
     if not path.is_file():
         raise PolyftError(f"merge.data={data}: no such file; give a jsonl file with "
                           f"{m.prompt_field} and {m.response_field} fields, or a data option name")
-    from polyft.data.jsonl import jsonl_rows
-
     rows = []
     for i, row in jsonl_rows(path, f"merge.data={data}"):
         if not isinstance(row, dict) or m.prompt_field not in row or m.response_field not in row:
@@ -184,19 +184,12 @@ def few_shot_rows(cfg) -> tuple[list[dict], int]:
 
 def tokenizer_dir(inputs) -> Path:
     """The first adapter that ships a tokenizer, else the base model."""
-    from polyft.merge.io import has_tokenizer
-
     return Path(next((p for p in inputs.adapters if has_tokenizer(p)), inputs.base))
 
 
-def check(cfg, resolve) -> None:
-    from polyft.config.schema import _check_lorahub
-    from polyft.data.formatting import check_chat_template
-    from polyft.runs import config_hash, read_manifest
-
-    _check_lorahub(cfg.merge)
-    inputs = resolve_inputs(cfg, resolve)
-    few_shot_rows(cfg)
+def check(cfg, refs) -> None:
+    inputs = resolve_inputs(cfg, refs)
+    few_shot_rows(cfg, refs)
     check_chat_template(tokenizer_dir(inputs), cfg.model.chat_template)
     from nevergrad.optimization import registry
 
@@ -208,20 +201,16 @@ def check(cfg, resolve) -> None:
         target = Path(cfg.output_dir).resolve()
         manifest = read_manifest(target) if target.is_dir() else None
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and \
-                (not manifest or manifest.get("hash") != config_hash(product_key(cfg, resolve))):
+                (not manifest or manifest.get("hash") != config_hash(product_key(cfg, refs))):
             raise PolyftError(f"output_dir={target} exists and holds something else; remove it or "
                               "choose another path")
 
 
-def product_key(cfg, resolve) -> dict:
+def product_key(cfg, refs) -> dict:
     """Search parameters, the inputs' identity and the few-shot rows' content."""
-    from importlib.metadata import version
-
-    from polyft.runs import config_hash, fingerprint
-
     m = cfg.merge
-    inputs = resolve_inputs(cfg, resolve)
-    rows, max_length = few_shot_rows(cfg)
+    inputs = resolve_inputs(cfg, refs)
+    rows, max_length = few_shot_rows(cfg, refs)
     params = {k: m[k] for k in ("method", "budget", "l1", "seed", "optimizer", "batch_size", "objective")}
     params.update(bounds=[float(b) for b in m.bounds], max_length=max_length, nevergrad=version("nevergrad"))
     return {"merge": params,
@@ -260,8 +249,6 @@ def few_shot_batches(rows: list[dict], tokenizer, max_length: int, batch_size: i
     mean equally."""
     import torch
 
-    from polyft.data.formatting import encode, use_chat_template
-
     use_chat_template(tokenizer, chat_template, "the adapters' tokenizer")
     encoded = []
     for r in rows:
@@ -286,9 +273,6 @@ def few_shot_batches(rows: list[dict], tokenizer, max_length: int, batch_size: i
             labels[j, :len(row_ids)] = torch.tensor(row_labels)
         batches.append((ids, attn, labels))
     return batches
-
-
-OBJECTIVES = ("authors", "token_mean")
 
 
 def few_shot_loss(model, batches: list[tuple], objective: str = "authors") -> float:
@@ -353,8 +337,6 @@ def search(loss_fn, n: int, budget: int, bounds: tuple[float, float], l1: float,
     """Minimise loss_fn(w) + l1 * mean|w| over w in [low, high]^n with `budget` evaluations,
     as lorahub_learning does: global numpy (and random) seeded, nevergrad's minimize loop with
     one worker, its recommendation returned. The trajectory records every candidate."""
-    import random
-
     import nevergrad as ng
     import numpy as np
 
@@ -385,16 +367,13 @@ def search(loss_fn, n: int, budget: int, bounds: tuple[float, float], l1: float,
     return {"best": chosen, "trajectory": trajectory}
 
 
-def build(cfg, out_dir: Path, resolve) -> dict:
+def build(cfg, out_dir: Path, refs) -> dict:
     """Search the weights on the few-shot rows, then write the composed LoRA into out_dir."""
     import torch
 
-    from polyft.adapters.lora import copy_tokenizer, read_lora, write_lora
-    from polyft.models.load import load_tokenizer
-
     m = cfg.merge
-    inputs = resolve_inputs(cfg, resolve)
-    rows, max_length = few_shot_rows(cfg)
+    inputs = resolve_inputs(cfg, refs)
+    rows, max_length = few_shot_rows(cfg, refs)
     adapters = [read_lora(p, k) for p, k in zip(inputs.adapters, inputs.keys)]
     torch.manual_seed(m.seed)
     batches = few_shot_batches(rows, load_tokenizer(str(tokenizer_dir(inputs))), max_length, m.batch_size,
@@ -428,3 +407,6 @@ def build(cfg, out_dir: Path, resolve) -> dict:
     console.echo(f"polyft: lorahub weights {', '.join(f'{w:+.3f}' for w in best['weights'])} "
                  f"(few-shot loss {losses[0]:.4f} at step 0 -> {best['loss']:.4f} {at})")
     return {"manifest": manifest, "metrics": metrics}
+
+
+register_adapter("lorahub", rules=rules, check=check, product_key=product_key, build=build)

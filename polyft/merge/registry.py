@@ -1,8 +1,17 @@
-"""Merge methods by name.
+"""Merge methods by name: one registry for both kinds of product.
 
-A method is one small function over fp32 tensors of a single parameter, registered with
-`@register`. The engine (engine.py) reads the inputs, resolves per-layer parameters,
+A model method is one small function over fp32 tensors of a single parameter, registered
+with `@register`. The engine (engine.py) reads the inputs, resolves per-layer parameters,
 calls the function and writes its result; the function never sees files or configs.
+
+An adapter method (lorahub, flix_compose) writes a PEFT LoRA instead of a checkpoint; its
+module registers, with `register_adapter`, `check(cfg, refs)` (files, one line),
+`product_key(cfg, refs)` (what determines the product) and `build(cfg, out_dir, refs)`
+(writes the LoRA, returns {"manifest": ..., "metrics": ...}). `refs` is what the command
+layer lends them to turn names into directories and data (polyft.products.Refs).
+
+Every method may register `rules(merge_config)`: its parameters' rules, pure, beside its
+maths; polyft.config.rules calls them.
 
 Calling convention: `fn(tensors, base, **params)` where `tensors` are the models' tensors
 in config order, `base` is the base model's tensor (None unless `needs_base`), and the
@@ -32,7 +41,8 @@ from typing import Callable
 from polyft.errors import ConfigError
 
 # The modules holding the methods; importing them registers what they define.
-MODULES = ("linear", "task_arithmetic", "ties", "ties_sv", "dare", "slerp", "layer_swap")
+MODULES = ("linear", "task_arithmetic", "ties", "ties_sv", "dare", "slerp", "layer_swap", "lorahub",
+           "flix_compose")
 # Parameters that may be lists of anchors spread over layer depth (see engine.resolve_scalar).
 GRADIENT_PARAMS = ("weights", "scale", "density", "t")
 
@@ -43,7 +53,7 @@ _loaded = False
 @dataclass(frozen=True)
 class Method:
     name: str
-    fn: Callable
+    fn: Callable | None = None  # model methods: the per-tensor function
     params: tuple[str, ...] = ()
     needs_base: bool = False
     min_models: int = 1
@@ -55,6 +65,13 @@ class Method:
     summary: Callable | None = None
     # Optional: whole-tensor quantities for the per-block calls (see the module doc).
     prepare: Callable | None = None
+    # Optional: (merge config) -> None, raising ConfigError for a bad parameter value.
+    rules: Callable | None = None
+    product: str = "model"  # model | adapter
+    # adapter methods (see the module doc)
+    check: Callable | None = None
+    product_key: Callable | None = None
+    build: Callable | None = None
 
     def config_keys(self) -> tuple[str, ...]:
         """The merge.* keys this method reads (the function's and the route's)."""
@@ -65,17 +82,26 @@ class Method:
         return tuple(keys)
 
 
+def _add(method: Method) -> None:
+    if method.name in _METHODS:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    _METHODS[method.name] = method
+
+
 def register(name: str, *, params: tuple[str, ...] = (), needs_base: bool = False,
              min_models: int = 1, max_models: int | None = None, route: Callable | None = None,
-             summary: Callable | None = None, prepare: Callable | None = None) -> Callable:
+             summary: Callable | None = None, prepare: Callable | None = None,
+             rules: Callable | None = None) -> Callable:
     def decorate(fn: Callable) -> Callable:
-        if name in _METHODS:
-            raise ValueError(f"merge method {name!r} is registered twice")
-        _METHODS[name] = Method(name, fn, tuple(params), needs_base, min_models, max_models,
-                                route, summary, prepare)
+        _add(Method(name, fn, tuple(params), needs_base, min_models, max_models, route, summary, prepare, rules))
         return fn
 
     return decorate
+
+
+def register_adapter(name: str, *, check: Callable, product_key: Callable, build: Callable,
+                     rules: Callable | None = None) -> None:
+    _add(Method(name, rules=rules, product="adapter", check=check, product_key=product_key, build=build))
 
 
 def _load() -> None:
@@ -89,6 +115,10 @@ def _load() -> None:
 def names() -> list[str]:
     _load()
     return sorted(_METHODS)
+
+
+def is_adapter_method(name: str) -> bool:
+    return get(name).product == "adapter"
 
 
 def get(name: str) -> Method:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from polyft.checks import numbers
 from polyft.merge.registry import register
 
 PARALLEL = 1 - 1e-6
@@ -23,7 +24,11 @@ def prepare_cosine(chunks, **_) -> dict:
     return {"cos": dot / math.sqrt(na * nb) if na and nb else 1.0}
 
 
-@register("slerp", params=("t",), min_models=2, max_models=2, prepare=prepare_cosine)
+def rules(m) -> None:
+    numbers("merge.t", m.t, lambda x: 0 <= x <= 1, "an interpolation factor in [0, 1]")
+
+
+@register("slerp", params=("t",), min_models=2, max_models=2, prepare=prepare_cosine, rules=rules)
 def slerp(tensors, base=None, *, t=0.5, cos=None):
     a, b = tensors
     if cos is None:

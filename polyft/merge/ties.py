@@ -18,6 +18,7 @@ divided (normalize=false), and theta = base + scale * merged.
 
 from __future__ import annotations
 
+from polyft.checks import choice, numbers
 from polyft.merge.linear import weighted_sum
 from polyft.merge.registry import register
 
@@ -90,6 +91,15 @@ def trimmed_task_vectors(tensors, base, density, thresholds=None):
 # ---------------------------------------------------------------- sign consensus
 
 SIGN_TIES = ("positive", "majority")
+
+
+def density_rule(m) -> None:
+    numbers("merge.density", m.density, lambda x: 0 < x <= 1, "a density in (0, 1]")
+
+
+def rules(m) -> None:
+    density_rule(m)
+    choice("merge.sign_tie", m.sign_tie, SIGN_TIES)
 
 
 def vote(vectors, weights):
@@ -188,7 +198,7 @@ def ties_merge(tensors, base, *, weights, density, scale, sign_tie, normalize, t
 
 
 @register("ties", params=("weights", "scale", "density", "sign_tie", "normalize"), needs_base=True,
-          prepare=prepare_ties)
+          prepare=prepare_ties, rules=rules)
 def ties(tensors, base, *, weights, density, scale=1.0, sign_tie="positive", normalize=True,
          thresholds=None, majority=None):
     return ties_merge(tensors, base, weights=weights, density=density, scale=scale, sign_tie=sign_tie,

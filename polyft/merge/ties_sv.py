@@ -16,6 +16,8 @@ the manifest and run.json.
 
 from __future__ import annotations
 
+from polyft.errors import ConfigError
+from polyft.merge import ties
 from polyft.merge.registry import register
 from polyft.merge.ties import prepare_ties, ties_merge
 
@@ -25,8 +27,14 @@ def diagnostics(s: dict) -> dict:
             "sft_topk_entries": s.get("sft_topk", 0), "sft_rescued_by_slack": s.get("sft_rescued", 0)}
 
 
+def rules(m) -> None:
+    ties.rules(m)
+    if isinstance(m.slack, bool) or not isinstance(m.slack, (int, float)) or not 0 <= m.slack <= 1:
+        raise ConfigError(f"merge.slack={m.slack} is not allowed; use a number in [0, 1]")
+
+
 @register("ties_sv", params=("weights", "scale", "density", "slack", "sign_tie", "normalize", "stats"),
-          needs_base=True, min_models=2, prepare=prepare_ties, summary=diagnostics)
+          needs_base=True, min_models=2, prepare=prepare_ties, summary=diagnostics, rules=rules)
 def ties_sv(tensors, base, *, weights, density, stats, scale=1.0, slack=0.1, sign_tie="positive",
             normalize=True, thresholds=None, majority=None):
     return ties_merge(tensors, base, weights=weights, density=density, scale=scale, sign_tie=sign_tie,

@@ -22,10 +22,12 @@ import re
 import shutil
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 from polyft import console
 from polyft.errors import PolyftError
+from polyft.runs import file_lock
 
 MAGIC = b"GGUF"
 RECORD = "polyft_gguf.json"  # written last: its presence marks a complete conversion
@@ -68,7 +70,6 @@ def locate(model_cfg) -> Path | None:
 
 def package_file(package: str, filename: str | None, preset: str) -> Path:
     """The file `filename` shipped by the installed distribution `package`."""
-    from importlib import metadata
 
     where = f"model.path=/path/to/{filename or 'model.gguf'}"
     try:
@@ -186,7 +187,6 @@ def ensure_converted(path: Path, output_root: str | os.PathLike, build: bool = T
     check_architecture(path)
     if not build:
         return target.resolve()
-    from polyft.runs import file_lock
 
     with file_lock(target.parent / f"{target.name}.lock"):
         if is_converted(target):

@@ -12,6 +12,8 @@ import socket
 from pathlib import Path
 
 from polyft.errors import PolyftError
+from polyft.models.gguf import ensure_converted, locate
+from polyft.models.tiny import TinySpec, ensure_tiny_model
 
 HUB_HOST = "huggingface.co"
 _offline_cache: dict[str, bool] = {}
@@ -63,13 +65,10 @@ def resolve_model_path(model_cfg, output_root: str, offline: bool | None = None,
     """A local directory or a hub id for `model_cfg`. Tiny models are built and GGUF files
     converted on first use; with build=False the checks run and the directory is named."""
     if builds_tiny(model_cfg):
-        from polyft.models.tiny import TinySpec, ensure_tiny_model
-
         spec = TinySpec(**{k: v for k, v in dict(model_cfg.tiny).items()})
         if not build:
             return str(Path(output_root) / "models" / f"{model_cfg.name}-{spec.digest()}")
         return str(ensure_tiny_model(model_cfg.name, spec, output_root).resolve())
-    from polyft.models.gguf import ensure_converted, locate
 
     gguf = locate(model_cfg)
     if gguf is not None:

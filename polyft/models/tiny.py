@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from polyft.data.synthetic import corpus
+from polyft.runs import file_lock
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -96,7 +97,6 @@ def build_model(spec: TinySpec, tokenizer):
 
 def ensure_tiny_model(name: str, spec: TinySpec, cache_root: str | os.PathLike) -> Path:
     """Return the directory of the tiny model `name`, building it on first use."""
-    from polyft.runs import file_lock
 
     target = Path(cache_root) / "models" / f"{name}-{spec.digest()}"
     if (target / "config.json").exists():

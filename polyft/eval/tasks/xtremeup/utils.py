@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from polyft.data import xtremeup
 from polyft.eval.tasks.xlsum.utils import UnicodeTokenizer
 
 _TOKENIZER = UnicodeTokenizer()
@@ -28,8 +29,6 @@ def load(xtremeup_task: str, xtremeup_lang: str, data_files: dict, **_metadata):
     """A DatasetDict of polyft rows from the release files polyft chose (see
     polyft.eval.data.xtremeup_files); lm-eval passes the task's metadata too."""
     import datasets
-
-    from polyft.data import xtremeup
 
     return datasets.DatasetDict({
         split: datasets.Dataset.from_list(

@@ -1,0 +1,214 @@
+"""The rules a type cannot say, on a composed config: pure (no file, data or hub access).
+
+`validate(cfg)` is the one entry point: the groups the command uses, then an experiment's
+structure (polyft.config.experiment). What needs files (model directories, data sources,
+checkpoint headers) is each command's `preflight` (polyft.commands), run after this.
+Merge methods check their own parameters beside their maths (polyft.merge.registry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from omegaconf import DictConfig
+
+from polyft.adapters.flix import FEATURE_TYPES
+from polyft.checks import choice, numbers
+from polyft.config import experiment
+from polyft.config.schema import EvalTaskConfig
+from polyft.data.synthetic import GENERATORS, LANGS
+from polyft.data.xtremeup import LAYOUT, SPLITS, TASKS
+from polyft.errors import ConfigError
+from polyft.merge import registry
+from polyft.merge.io import parse_size
+
+TASK_KEYS = tuple(f.name for f in fields(EvalTaskConfig))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every rule for a composed run point, before anything is read or written."""
+    validate_groups(cfg)
+    if cfg.experts or cfg.baselines:
+        experiment.validate_structure(cfg, validate_groups)
+
+
+def _check_flix(a) -> None:
+    if not a.features:
+        raise ConfigError(f"adapter.features is empty; name feature types: {', '.join(FEATURE_TYPES)}")
+    for ftype in [*a.features, *a.ranks, *(a.alpha if isinstance(a.alpha, (dict, DictConfig)) else {})]:
+        if ftype not in FEATURE_TYPES:
+            raise ConfigError(f"adapter: unknown feature type {ftype}; FLix features are row fields: "
+                              f"{', '.join(FEATURE_TYPES)}")
+    if len(set(a.features)) != len(a.features):
+        raise ConfigError(f"adapter.features={list(a.features)} names a feature type twice")
+    for ftype in a.features:
+        r = a.ranks.get(ftype)
+        if r is None or r <= 0:
+            raise ConfigError(f"adapter.ranks.{ftype}={r} is not allowed; each feature type needs a rank > 0")
+        alpha = a.alpha.get(ftype) if isinstance(a.alpha, (dict, DictConfig)) else a.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ConfigError(f"adapter.alpha.{ftype}={alpha} is not allowed; each feature type needs alpha > 0")
+    if not 0 <= a.feature_dropout < 1:
+        raise ConfigError(f"adapter.feature_dropout={a.feature_dropout} is not allowed; it must be in [0, 1)")
+
+
+def _check_adapter(a) -> None:
+    choice("adapter.type", a.type, ("full", "lora", "flix"))
+    if a.type == "flix":
+        _check_flix(a)
+    elif a.type != "full":
+        if a.r <= 0:
+            raise ConfigError(f"adapter.r={a.r} is not allowed; the LoRA rank must be a positive integer")
+        if not a.match and (isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or a.alpha <= 0):
+            raise ConfigError(f"adapter.alpha={a.alpha} is not allowed; it must be a number > 0")
+        if not 0 <= a.dropout < 1:
+            raise ConfigError(f"adapter.dropout={a.dropout} is not allowed; it must be in [0, 1)")
+        if not a.target_modules:
+            raise ConfigError("adapter.target_modules is empty; name module names or all-linear")
+
+
+def _check_quant(q) -> None:
+    choice("quant.bits", q.bits, (None, 4, 8))
+    choice("quant.quant_type", q.quant_type, ("nf4", "fp4"))
+
+
+def check_data(d) -> None:
+    if d.temperature <= 0:
+        raise ConfigError(f"data.temperature={d.temperature} is not allowed; it must be > 0")
+    if d.max_length <= 8:
+        raise ConfigError(f"data.max_length={d.max_length} is not allowed; it must be > 8")
+    if not d.sources:
+        raise ConfigError(f"data={d.name} has no sources; add at least one under data.sources")
+    for name, s in d.sources.items():
+        key = f"data.sources.{name}"
+        choice(f"{key}.type", s.type, ("synthetic", "jsonl", "parquet", "csv", "hub", "xtremeup"))
+        if s.weight <= 0:
+            raise ConfigError(f"{key}.weight={s.weight} is not allowed; mixture weights must be > 0")
+        if s.max_rows is not None and s.max_rows <= 0:
+            raise ConfigError(f"{key}.max_rows={s.max_rows} is not allowed; it must be > 0")
+        if s.type == "synthetic":
+            choice(f"{key}.generator", s.generator, GENERATORS)
+            for lang in s.langs:
+                choice(f"{key}.langs", lang, LANGS)
+            if s.n <= 0:
+                raise ConfigError(f"{key}.n={s.n} is not allowed; synthetic sources need n > 0")
+        elif s.type == "xtremeup":
+            if not s.path:  # data=xtremeup takes it from eval.xtremeup_root
+                raise ConfigError(f"{key}.path is missing; an xtremeup source needs the release root "
+                                  f"({LAYOUT}); with data=xtremeup set eval.xtremeup_root=DIR")
+            choice(f"{key}.task", s.task, TASKS)
+            choice(f"{key}.split", s.split, SPLITS)
+        elif not s.path:
+            raise ConfigError(f"{key}.path is missing; a {s.type} source needs a path or dataset id")
+
+
+def _check_train(t) -> None:
+    if t.num_processes < 1:
+        raise ConfigError(f"train.num_processes={t.num_processes} is not allowed; it must be >= 1")
+    choice("train.distributed", t.distributed, ("ddp", "fsdp", "deepspeed"))
+    choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr} is not allowed; it must be > 0")
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
+        raise ConfigError("train.max_steps must be > 0 (or -1 with train.epochs > 0)")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} is not allowed; it must be in [0, 1)")
+    if t.save_steps < 1:
+        raise ConfigError(f"train.save_steps={t.save_steps} is not allowed; it must be >= 1")
+
+
+def _check_merge(m) -> None:
+    """The engine's keys here; each method checks its own parameters (polyft.merge.registry)."""
+    method = registry.get(m.method)
+    choice("merge.vocab", m.vocab, ("strict", "first"))
+    choice("merge.dtype", m.dtype, (None, "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
+    numbers("merge.scale", m.scale)
+    for i, w in enumerate(m.weights or []):
+        numbers(f"merge.weights[{i}]", w)
+    if parse_size(m.shard_size) <= 0:
+        raise ConfigError(f"merge.shard_size={m.shard_size} is not allowed; it must be > 0")
+    if method.rules is not None:
+        method.rules(m)
+
+
+def _check_eval(e) -> None:
+    """Rules for the eval group (task names, languages, models and data: polyft.commands.eval)."""
+    choice("eval.backend", e.backend, ("hf", "vllm"))
+    bs = e.batch_size
+    factor = bs[5:] if isinstance(bs, str) and bs.startswith("auto:") else "1"
+    if not ((isinstance(bs, int) and not isinstance(bs, bool) and bs >= 1)
+            or (isinstance(bs, str) and bs.split(":")[0] == "auto" and factor.replace(".", "", 1).isdigit())):
+        raise ConfigError(f"eval.batch_size={bs} is not allowed; use a positive integer or auto (auto:N)")
+    if e.limit is not None and e.limit < 1:
+        raise ConfigError(f"eval.limit={e.limit} is not allowed; it must be >= 1 (or null for all)")
+    if e.num_fewshot is not None and e.num_fewshot < 0:
+        raise ConfigError(f"eval.num_fewshot={e.num_fewshot} is not allowed; it must be >= 0")
+    if not e.tasks:
+        raise ConfigError(f"eval={e.suite} has no tasks; list them under eval.tasks")
+    for i, t in enumerate(e.tasks):
+        entry = {"name": t} if isinstance(t, str) else t
+        if not isinstance(entry, (dict, DictConfig)) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ConfigError(f"eval.tasks[{i}]={t} is not allowed; give a task name or {{name: ..., lang: ...}}")
+        unknown = set(entry) - set(TASK_KEYS)
+        if unknown:
+            raise ConfigError(f"eval.tasks[{i}].{sorted(unknown)[0]}: unknown key; allowed keys: "
+                              f"{', '.join(TASK_KEYS)}")
+        if entry.get("apply_chat_template") not in (None, True, False):
+            raise ConfigError(f"eval.tasks[{i}].apply_chat_template={entry['apply_chat_template']} is not "
+                              "allowed; use true or false")
+        for key in ("num_fewshot", "limit"):
+            v = entry.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (key == "limit")):
+                raise ConfigError(f"eval.tasks[{i}].{key}={v} is not allowed; it must be an integer >= {int(key == 'limit')}")
+    refs = list(e.models) if e.models is not None else [e.model]
+    if not refs or any(not isinstance(r, str) or not r.strip() for r in refs):
+        raise ConfigError("eval.model / eval.models: give base or model/adapter paths")
+    if len(set(refs)) != len(refs):
+        raise ConfigError(f"eval.models lists a model twice: {', '.join(refs)}")
+    if e.langs is not None and not e.langs:
+        raise ConfigError("eval.langs is empty; give languages (e.g. [sw, te]) or null for all")
+
+
+def _check_plan(p) -> None:
+    choice("plan.device", p.device, ("gpu", "cpu"))
+    for key in ("batch_size", "seq_len"):
+        if p[key] is not None and p[key] < 1:
+            raise ConfigError(f"plan.{key}={p[key]} is not allowed; it must be >= 1 (or null: the train config's)")
+    if not p.gpus or any(g <= 0 for g in p.gpus):
+        raise ConfigError(f"plan.gpus={list(p.gpus)} is not allowed; give GPU memory sizes in GB, e.g. [24,40,80]")
+    for size in p.gres:
+        if not str(size).isdigit() or int(size) not in p.gpus:
+            raise ConfigError(f"plan.gres.{size}: not one of plan.gpus ({', '.join(map(str, p.gpus))})")
+
+
+def _check_flix_data(cfg) -> None:
+    if cfg.adapter.type == "flix" and cfg.data.packing:
+        raise ConfigError("data.packing=true is not allowed with adapter=flix; packed sequences would mix "
+                          "the features of several examples")
+    if cfg.adapter.type == "flix" and cfg.merge_back:
+        raise ConfigError("merge_back=true is not allowed with adapter=flix; merge one feature set with "
+                          "polyft merge merge=flix_compose instead")
+    if cfg.adapter.match and cfg.adapter.type != "lora":
+        raise ConfigError(f"adapter.match={cfg.adapter.match} is for adapter=lora in an experiment whose experts include {cfg.adapter.match} (adapter=flix)")
+
+
+def validate_groups(cfg: DictConfig) -> None:
+    """Cross-field rules for the groups the command uses. Raises ConfigError (one line)."""
+    choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
+    choice("model.chat_template", cfg.model.chat_template, ("model", "plain"))
+    if cfg.command == "plan" or cfg.plan.fit:
+        _check_plan(cfg.plan)
+    if cfg.command in ("train", "run", "plan"):
+        _check_adapter(cfg.adapter)
+        _check_quant(cfg.quant)
+        check_data(cfg.data)
+        _check_flix_data(cfg)
+        _check_train(cfg.train)
+    if cfg.command in ("merge", "run"):
+        _check_merge(cfg.merge)
+    if cfg.command in ("eval", "run"):
+        _check_eval(cfg.eval)
+
+
