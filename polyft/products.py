@@ -10,6 +10,7 @@ adapter sized to a FLix expert, the expert's data (its feature values).
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

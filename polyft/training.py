@@ -85,7 +85,7 @@ def flix_config(cfg, rows: list[dict], model_path: str):
     a = cfg.adapter
     features = list(a.features)
     alpha = OmegaConf.to_container(a.alpha) if OmegaConf.is_config(a.alpha) else dict.fromkeys(features, a.alpha)
-    return FlixConfig(values=feature_values(rows, features), ranks={t: int(a.ranks[t]) for t in features},
+    return flix.FlixConfig(values=flix.feature_values(rows, features), ranks={t: int(a.ranks[t]) for t in features},
                       alpha={t: float(alpha[t]) for t in features}, features=features,
                       feature_dropout=float(a.feature_dropout), target_modules=list(a.target_modules),
                       dropout=float(a.dropout), base_model_name_or_path=model_path)

@@ -8,21 +8,17 @@ Merge methods check their own parameters beside their maths (polyft.merge.regist
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 from omegaconf import DictConfig
 
 from polyft.adapters.flix import FEATURE_TYPES
 from polyft.checks import choice, numbers
 from polyft.config import experiment
-from polyft.config.schema import EvalTaskConfig
 from polyft.data.synthetic import GENERATORS, LANGS
 from polyft.data.xtremeup import LAYOUT, SPLITS, TASKS
 from polyft.errors import ConfigError
+from polyft.eval.specs import ENTRY_KEYS
 from polyft.merge import registry
 from polyft.merge.io import parse_size
-
-TASK_KEYS = tuple(f.name for f in fields(EvalTaskConfig))
 
 
 def validate(cfg: DictConfig) -> None:
@@ -151,10 +147,10 @@ def _check_eval(e) -> None:
         entry = {"name": t} if isinstance(t, str) else t
         if not isinstance(entry, (dict, DictConfig)) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise ConfigError(f"eval.tasks[{i}]={t} is not allowed; give a task name or {{name: ..., lang: ...}}")
-        unknown = set(entry) - set(TASK_KEYS)
+        unknown = set(entry) - set(ENTRY_KEYS)
         if unknown:
             raise ConfigError(f"eval.tasks[{i}].{sorted(unknown)[0]}: unknown key; allowed keys: "
-                              f"{', '.join(TASK_KEYS)}")
+                              f"{', '.join(ENTRY_KEYS)}")
         if entry.get("apply_chat_template") not in (None, True, False):
             raise ConfigError(f"eval.tasks[{i}].apply_chat_template={entry['apply_chat_template']} is not "
                               "allowed; use true or false")

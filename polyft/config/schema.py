@@ -178,20 +178,9 @@ class MergeConfig:
 
 
 @dataclass
-class EvalTaskConfig:
-    name: str = MISSING
-    lang: Optional[str] = None
-    num_fewshot: Optional[int] = None
-    limit: Optional[int] = None
-    dataset: Optional[str] = None  # hub id the task reads, for local copies and messages
-    apply_chat_template: Optional[bool] = None  # this task's prompts in the chat template
-    task: Optional[str] = None  # the task feature a FLix adapter is composed with for this task
-
-
-@dataclass
 class EvalConfig:
     suite: str = "demo"
-    tasks: List[Any] = field(default_factory=list)  # task names, or {name, lang, num_fewshot, limit, dataset}
+    tasks: List[Any] = field(default_factory=list)  # task names, or entries (polyft.eval.specs.ENTRY_KEYS)
     model: Optional[str] = "base"
     models: Optional[List[str]] = None
     data_dir: Optional[str] = None

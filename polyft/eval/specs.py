@@ -26,6 +26,10 @@ from polyft.data.synthetic import LANGS as SYNTHETIC_LANGS
 from polyft.errors import PolyftError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+# The keys of an eval.tasks entry (a bare name is {name: NAME}): lang; num_fewshot and limit
+# (this task's, over eval.*); dataset (the hub id the task reads, for local copies and
+# messages); apply_chat_template (this task's prompts as chat turns); task (the task feature
+# a FLix adapter is composed with for this task).
 ENTRY_KEYS = ("name", "lang", "num_fewshot", "limit", "dataset", "apply_chat_template", "task")
 
 # XL-Sum's dataset configs are English language names; polyft tasks use ISO 639-1 codes.
