@@ -268,6 +268,8 @@ def run_cli(args: list[str]) -> int:
         overrides, dirs = command_line(flags, overrides)
         printing = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"}
         if printing & set(flags):
+            if multirun and {"--cfg", "-c"} & set(flags) and not helping:
+                return show_points(overrides, flags, configs=preflight(command, overrides, dirs, True, files=False))
             if not helping:
                 preflight(command, overrides, dirs, multirun=False, files=False)
             return hydra_main(command, overrides, flags, dirs)
@@ -306,6 +308,31 @@ def hydra_main(command: str, overrides: list[str], flags: list[str], dirs: list)
     # Hydra's parser wants its flags before the overrides.
     sys.argv = [f"polyft-{command}", *flags, f"command={command}", *overrides]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run_command)()
+    return 0
+
+
+def show_points(overrides: list[str], flags: list[str], configs: list) -> int:
+    """`-m ... --cfg job|hydra|all [--resolve] [-p KEY]`: each sweep point's config, headed by its
+    swept values (Hydra's own --cfg refuses --multirun, so a sweep's points could not be read)."""
+    from omegaconf import OmegaConf
+
+    def value(names):
+        return next((flags[i + 1] for i, f in enumerate(flags[:-1]) if f in names), None)
+
+    kind, package = value(("--cfg", "-c")), value(("--package", "-p"))
+    if kind not in ("job", "hydra", "all"):
+        raise PolyftError(f"--cfg {kind}: use job, hydra or all")
+    console.pause()  # the config goes to stdout itself, as Hydra's --cfg does
+    for n, (point, cfg) in enumerate(zip(sweep_points(overrides, True), configs)):
+        node = job_config(cfg) if kind == "job" else OmegaConf.create({"hydra": cfg.hydra}) if kind == "hydra" else cfg
+        if package:
+            node = OmegaConf.select(node, package)
+        swept = " ".join(o for o in point if o not in overrides) or "(no swept value)"
+        a = cfg.adapter
+        if a.type == "lora" and a.alpha_ratio is not None:  # the alpha it trains with is not a key of its own
+            swept += f"  (LoRA alpha = alpha_ratio {a.alpha_ratio:g} x r {a.r} = {a.alpha_ratio * a.r:g})"
+        print(f"# sweep point {n}: {swept}")
+        print(OmegaConf.to_yaml(node, resolve="--resolve" in flags) if OmegaConf.is_config(node) else node)
     return 0
 
 

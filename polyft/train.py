@@ -73,10 +73,18 @@ def adapter_key(adapter) -> dict:
         return {"type": "full"}
     a = OmegaConf.to_container(adapter, resolve=True)
     if a["type"] == "flix":
-        return {k: v for k, v in a.items() if k not in LORA_ONLY}
-    a = {k: v for k, v in a.items() if k not in FLIX_ONLY + ("match",)}
-    a["alpha"] = float(a["alpha"])
+        return {k: v for k, v in a.items() if k not in LORA_ONLY + ("alpha_ratio",)}
+    a = {k: v for k, v in a.items() if k not in FLIX_ONLY + ("match", "alpha_ratio")}
+    # the alpha the weights are trained with, however it was given: a ratio at r=64 and the
+    # same alpha given as a number are one product, and keys made before the ratio stay valid
+    a["alpha"] = lora_alpha(adapter)
     return a
+
+
+def lora_alpha(adapter) -> float:
+    """The LoRA alpha used: adapter.alpha_ratio * r when the ratio is set, else adapter.alpha."""
+    ratio = adapter.get("alpha_ratio")
+    return float(ratio) * int(adapter.r) if ratio is not None else float(adapter.alpha)
 
 
 def plan(cfg, build_model: bool = True) -> Plan:
@@ -262,7 +270,7 @@ def lora_config(adapter_cfg):
 
     targets = list(adapter_cfg.target_modules)
     return LoraConfig(
-        r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
+        r=adapter_cfg.r, lora_alpha=lora_alpha(adapter_cfg), lora_dropout=adapter_cfg.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         use_rslora=adapter_cfg.rslora, use_dora=adapter_cfg.dora, task_type="CAUSAL_LM")
 
@@ -326,6 +334,18 @@ def flix_trainer(model, args, dataset, tokenizer):
     finally:
         if quantised:
             model._hf_peft_config_loaded = False
+
+
+def train_langs(cfg, rows: list[dict]) -> list[str] | None:
+    """The languages of the rows trained on, and of those the continued adapter (init_from)
+    was trained on: its scores there are not zero-shot. None when the latter are unknown."""
+    langs = {r["lang"] for r in rows}
+    if cfg.adapter.init_from and cfg.adapter.type != "full":
+        before = (read_manifest(init_dir(cfg)) or {}).get("train_langs")
+        if before is None:
+            return None
+        langs |= set(before)
+    return sorted(langs)
 
 
 def last_checkpoint(work_dir: Path) -> str | None:
@@ -394,10 +414,14 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if not trainer.is_world_process_zero():
         return summary
+    summary["train_langs"] = train_langs(cfg, rows)  # the report marks the others zero-shot
     if cfg.adapter.type == "flix":
         summary["flix_values"] = model.flix_config.values
-    elif cfg.adapter.match:
-        summary["matched_rank"] = {"r": cfg.adapter.r, "expert": cfg.adapter.match}
+    else:
+        if cfg.adapter.type == "lora" and not cfg.adapter.init_from:  # a continued LoRA keeps its own alpha
+            summary["lora_alpha"] = lora_alpha(cfg.adapter)
+        if cfg.adapter.match:
+            summary["matched_rank"] = {"r": cfg.adapter.r, "expert": cfg.adapter.match}
     with p.store.build(p.kind, p.name, p.key, target=p.target) as b:
         if cfg.adapter.type == "flix":
             from polyft.adapters import flix
@@ -411,6 +435,7 @@ def train_and_save(cfg, p: Plan, run_dir: Path) -> dict:
             summary["merged"] = str(merge_back(b.dir, p.model_path, cfg).relative_to(b.dir))
         b.manifest.update(base_model=p.model_path, base_source=source_of(p.model_path),
                           adapter=cfg.adapter.type, quant=cfg.quant.name, chat_template=cfg.model.chat_template,
+                          train_langs=summary["train_langs"],
                           final_loss=losses[-1]["loss"] if losses else None, steps=trainer.state.global_step)
     summary["artifact"] = str(b.dir)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -445,6 +470,8 @@ def train_one(cfg, record) -> None:
 
     p = plan(cfg)
     record.extra["product"] = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key)}
+    if cfg.adapter.type == "lora" and not cfg.adapter.init_from:  # the alpha used, also when it followed the rank
+        record.extra["product"]["lora_alpha"] = p.key["adapter"]["alpha"]
     if source_of(p.model_path):  # a base converted from a GGUF file: which file, which bytes
         record.extra["model_source"] = source_of(p.model_path)
     with p.store.lock(p.kind, p.name, p.key):
