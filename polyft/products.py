@@ -26,6 +26,7 @@ from polyft.errors import ConfigError, MissingArtifactError, PolyftError
 from polyft.merge import io, registry
 from polyft.models.load import builds_tiny, is_offline, resolve_model_path
 from polyft.runs import ArtifactStore, config_hash, fingerprint, read_manifest
+from polyft.training import lora_alpha
 
 MERGED = "merged"  # the store kind of merges
 _LOG_ONLY = ("logging_steps", "name")
@@ -81,9 +82,11 @@ def adapter_key(adapter) -> dict:
         return {"type": "full"}
     a = OmegaConf.to_container(adapter, resolve=True)
     if a["type"] == "flix":
-        return {k: v for k, v in a.items() if k not in LORA_ONLY}
-    a = {k: v for k, v in a.items() if k not in FLIX_ONLY + ("match",)}
-    a["alpha"] = float(a["alpha"])
+        return {k: v for k, v in a.items() if k not in LORA_ONLY + ("alpha_ratio",)}
+    a = {k: v for k, v in a.items() if k not in FLIX_ONLY + ("match", "alpha_ratio")}
+    # the alpha the weights are trained with, however it was given: a ratio at r=64 and the
+    # same alpha given as a number are one product, and keys made before the ratio stay valid
+    a["alpha"] = lora_alpha(adapter)
     return a
 
 

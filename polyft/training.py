@@ -20,6 +20,7 @@ from polyft.data.formatting import tokenized_dataset
 from polyft.data.mixture import load_mixture
 from polyft.models.gguf import source_of
 from polyft.models.load import is_offline, load_base, load_tokenizer
+from polyft.runs import read_manifest
 
 
 def _report_to(cfg, run_dir: Path) -> list[str]:
@@ -71,12 +72,18 @@ def sft_config(cfg, work_dir: Path, run_dir: Path, distributed: bool):
         save_only_model=False, disable_tqdm=False, run_name=run_dir.name, **extra)
 
 
+def lora_alpha(adapter) -> float:
+    """The LoRA alpha used: adapter.alpha_ratio * r when the ratio is set, else adapter.alpha."""
+    ratio = adapter.get("alpha_ratio")
+    return float(ratio) * int(adapter.r) if ratio is not None else float(adapter.alpha)
+
+
 def lora_config(adapter_cfg):
     from peft import LoraConfig
 
     targets = list(adapter_cfg.target_modules)
     return LoraConfig(
-        r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
+        r=adapter_cfg.r, lora_alpha=lora_alpha(adapter_cfg), lora_dropout=adapter_cfg.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         use_rslora=adapter_cfg.rslora, use_dora=adapter_cfg.dora, task_type="CAUSAL_LM")
 
@@ -134,6 +141,18 @@ def flix_trainer(model, args, dataset, tokenizer):
     finally:
         if quantised:
             model._hf_peft_config_loaded = False
+
+
+def train_langs(rows: list[dict], init_dir: str | None) -> list[str] | None:
+    """The languages of the rows trained on, and of those the continued adapter (init_dir)
+    was trained on: its scores there are not zero-shot. None when the latter are unknown."""
+    langs = {r["lang"] for r in rows}
+    if init_dir:
+        before = (read_manifest(init_dir) or {}).get("train_langs")
+        if before is None:
+            return None
+        langs |= set(before)
+    return sorted(langs)
 
 
 def last_checkpoint(work_dir: Path) -> str | None:
@@ -194,10 +213,13 @@ def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, in
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if not trainer.is_world_process_zero():
         return summary
+    summary["train_langs"] = train_langs(rows, init_dir if cfg.adapter.type != "full" else None)
     if cfg.adapter.type == "flix":
         summary["flix_values"] = model.flix_config.values
         flix.save(trainer.model, out_dir)
     else:
+        if cfg.adapter.type == "lora" and not init_dir:  # a continued LoRA keeps its own alpha
+            summary["lora_alpha"] = lora_alpha(cfg.adapter)
         if cfg.adapter.match:
             summary["matched_rank"] = {"r": cfg.adapter.r, "expert": cfg.adapter.match}
         trainer.model.save_pretrained(out_dir, safe_serialization=True)
@@ -207,5 +229,5 @@ def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, in
         summary["merged"] = str(merge_back(out_dir, model_path, cfg).relative_to(out_dir))
     summary["manifest"] = dict(base_model=model_path, base_source=source_of(model_path), adapter=cfg.adapter.type,
                                quant=cfg.quant.name, chat_template=cfg.model.chat_template,
-                               final_loss=losses[-1]["loss"] if losses else None, steps=trainer.state.global_step)
+                               train_langs=summary["train_langs"], final_loss=losses[-1]["loss"] if losses else None, steps=trainer.state.global_step)
     return summary

@@ -216,13 +216,21 @@ def print_config(cfg, flags: list[str]) -> None:
     which = flag_value(flags, "--cfg", "-c") or "job"
     if which not in ("job", "hydra", "all"):
         raise PolyftError(f"--cfg {which}: use job, hydra or all")
-    node = cfg.hydra if which == "hydra" else job_config(cfg) if which == "job" else cfg
+    node = OmegaConf.create({"hydra": cfg.hydra}) if which == "hydra" else job_config(cfg) if which == "job" else cfg
     package = flag_value(flags, "--package", "-p")
     if package:
         node = OmegaConf.select(node, package)
         if node is None:
             raise PolyftError(f"--package {package}: no such key in the composed config")
     print(OmegaConf.to_yaml(node, resolve="--resolve" in flags) if OmegaConf.is_config(node) else node, end="")
+
+
+def point_header(n: int, swept: str, cfg) -> str:
+    """`# sweep point N: a=1 b=x`, and the LoRA alpha a point trains with when it follows the rank."""
+    a = cfg.adapter
+    if a.type == "lora" and a.alpha_ratio is not None:  # the alpha used is not a key of its own
+        swept += f"  (LoRA alpha = alpha_ratio {a.alpha_ratio:g} x r {a.r} = {a.alpha_ratio * a.r:g})"
+    return f"# sweep point {n}: {swept or '(no swept value)'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +289,7 @@ def print_only(command: str, overrides: list[str], flags: list[str], dirs: list,
         from polyft.cli.compose import hydra_info
 
         return hydra_info(command, overrides, flags, dirs)
-    configs = composed_points(command, overrides, dirs, multirun and command == "plan")
+    configs = composed_points(command, overrides, dirs, multirun)
     if command == "plan":
         from polyft.commands.plan import show
 
@@ -290,7 +298,13 @@ def print_only(command: str, overrides: list[str], flags: list[str], dirs: list,
         print(f"polyft: planned {len(configs)} point(s) in {time.time() - start:.1f} s, nothing loaded",
               file=sys.stderr)
         return 0
-    print_config(configs[0], flags)
+    if not multirun:
+        print_config(configs[0], flags)
+        return 0
+    for n, (point, cfg) in enumerate(zip(sweep_points(overrides, True), configs)):
+        print(point_header(n, " ".join(o for o in point if o not in overrides), cfg))
+        print_config(cfg, flags)
+        print()
     return 0
 
 

@@ -1,10 +1,13 @@
 """`polyft report`: paper-style tables and plots from the records on disk.
 
-Reads only run.json records and the eval artifacts' results.jsonl they point at. Rows
-of a table are model variants (or sweep points), columns are languages plus the average
-and the high/low-resource averages; a missing cell stays missing, never zero. Writes
-Markdown (also printed), CSV and LaTeX, and PNG plots: metric vs LoRA rank per language,
-metric per quantisation, and a bottom x top swap-depth heatmap.
+Reads only run.json records, the eval artifacts' results.jsonl they point at, and the
+manifests of the evaluated products (for the languages each was trained on). Rows of a
+table are model variants (or sweep points), columns are languages plus the average and
+the high/low-resource averages; a missing cell stays missing, never zero. A score in a
+language the model's training data has no rows in is marked zero-shot (ZERO_SHOT after the
+value; the CSV lists those languages per row). Writes Markdown (also printed), CSV and
+LaTeX, and PNG plots: metric vs LoRA rank per language, metric per quantisation, and a
+bottom x top swap-depth heatmap.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from omegaconf import OmegaConf
 
 from polyft import console
 from polyft.errors import PolyftError
-from polyft.runs import load_runs
+from polyft.runs import load_runs, read_manifest
 
 # Resource levels as the multilingual PEFT and merging papers group them (by pretraining data).
 HIGH_RESOURCE = {"en", "de", "es", "fr", "ru", "zh", "ja", "it", "pt", "nl", "ar", "vi", "tr", "pl", "ko"}
 _LANG_SUFFIX = re.compile(r"_([a-z]{2,3}(?:_[A-Z][a-z]{3})?)$")
+ZERO_SHOT = "†"  # after a score in a language the model was not trained on
+ZERO_SHOT_NOTE = f"{ZERO_SHOT} zero-shot: the model's training data has no rows in this language"
 
 
 def task_family(task: str, lang: str | None) -> str:
@@ -43,6 +48,11 @@ class Table:
     title: str
     langs: list[str]
     rows: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> lang -> value
+    zero_shot: dict[str, set] = field(default_factory=dict)  # variant -> its languages never trained on
+
+    def mark(self, variant: str, col: str) -> str:
+        held_out = col in self.zero_shot.get(variant, ()) and self.cell(variant, col) is not None
+        return ZERO_SHOT if held_out else ""
 
     def columns(self) -> list[str]:
         cols = list(self.langs) + ["avg"]
@@ -68,7 +78,9 @@ def to_markdown(t: Table) -> str:
     cols = t.columns()
     out = [f"### {t.title}", "", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for variant in t.rows:
-        out.append(f"| {variant} | " + " | ".join(_fmt(t.cell(variant, c)) for c in cols) + " |")
+        out.append(f"| {variant} | " + " | ".join(_fmt(t.cell(variant, c)) + t.mark(variant, c) for c in cols) + " |")
+    if any(t.zero_shot.values()):
+        out += ["", ZERO_SHOT_NOTE]
     return "\n".join(out)
 
 
@@ -76,9 +88,11 @@ def to_csv(t: Table) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     cols = t.columns()
-    w.writerow(["table", "model", *cols])
+    marked = any(t.zero_shot.values())  # cells stay numbers: the marks get a column of their own
+    w.writerow(["table", "model", *cols, *(["zero_shot"] if marked else [])])
     for variant in t.rows:
-        w.writerow([t.title, variant, *["" if (v := t.cell(variant, c)) is None else f"{v:.6g}" for c in cols]])
+        w.writerow([t.title, variant, *["" if (v := t.cell(variant, c)) is None else f"{v:.6g}" for c in cols],
+                    *([" ".join(lg for lg in t.langs if lg in t.zero_shot.get(variant, ()))] if marked else [])])
     return buf.getvalue()
 
 
@@ -88,9 +102,11 @@ def to_latex(t: Table) -> str:
     lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
              "Model & " + " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
     for variant in t.rows:
-        lines.append(esc(variant) + " & " + " & ".join("--" if (v := t.cell(variant, c)) is None else _fmt(v)
-                                                      for c in cols) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(t.title)}}}", r"\end{table}"]
+        lines.append(esc(variant) + " & " + " & ".join(
+            ("--" if (v := t.cell(variant, c)) is None else _fmt(v)) + (r"$^\dagger$" if t.mark(variant, c) else "")
+            for c in cols) + r" \\")
+    note = r" ($^\dagger$: zero-shot, a language the model was not trained on)" if any(t.zero_shot.values()) else ""
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{esc(t.title)}{note}}}", r"\end{table}"]
     return "\n".join(lines)
 
 
@@ -113,6 +129,8 @@ def build_tables(rows: list[dict], metric: str | None = None) -> list[Table]:
         if lang not in t.langs:
             t.langs.append(lang)
         t.rows.setdefault(r["variant"], {})[lang] = float(r["value"])
+        if r.get("zero_shot"):
+            t.zero_shot.setdefault(r["variant"], set()).add(lang)
     for t in tables.values():
         t.langs.sort(key=lambda lg: (lg not in HIGH_RESOURCE, lg))
     return list(tables.values())
@@ -215,6 +233,48 @@ def plot_lines(series: dict[str, dict], xlabel: str, title: str, path: Path, cat
 
 # ------------------------------------------------------------------ records on disk
 
+def _config_langs(data: dict) -> list[str] | None:
+    """The languages a data config's rows can have, when the config alone says (fixed
+    features.lang, or a source's langs list); None when some source takes them from its rows."""
+    langs: set = set()
+    for src in (data.get("sources") or {}).values():
+        fixed = (src.get("features") or {}).get("lang")
+        if fixed:
+            langs.add(fixed)
+        elif src.get("langs") and src.get("type") in ("synthetic", "xtremeup"):
+            langs.update(src["langs"])
+        else:
+            return None
+    keep = data.get("languages")
+    return sorted(langs & set(keep) if keep else langs)
+
+
+def trained_langs(path: str | Path, _depth: int = 0) -> list[str] | None:
+    """The languages a model or adapter directory was trained on, from its manifest: a
+    training product records them (older ones: read off its data config), a merge is the
+    union of its inputs'. None when unknown (a base model, a product from elsewhere)."""
+    m = read_manifest(path) if Path(path).is_dir() else None
+    if not m or _depth > 8:
+        return None
+    if "train_langs" in m:  # null: the adapter it continued has none on record
+        return None if m["train_langs"] is None else list(m["train_langs"])
+    key = m.get("key") or {}
+    if m.get("kind") in ("adapter", "model") and isinstance(key.get("data"), dict) \
+            and not (key.get("adapter") or {}).get("init_from"):  # a continued one learned its init's too
+        return _config_langs(key["data"])
+    if m.get("kind") == "merged" and m.get("inputs") and m.get("product") != "adapter":
+        parts = [trained_langs(p, _depth + 1) for p in m["inputs"]]
+        return None if any(p is None for p in parts) else sorted(set().union(*parts))
+    return None
+
+
+def _eval_model_langs(eval_dir: str) -> list[str] | None:
+    """The training languages of the model an eval artifact scored (its manifest names it)."""
+    m = read_manifest(eval_dir) or {}
+    path = (m.get("model") or {}).get("path")
+    return trained_langs(path) if path else None
+
+
 def _eval_rows(record: dict) -> list[tuple[str, dict]]:
     """(artifact path, result row) of every eval artifact a record made or reused."""
     rows = []
@@ -248,6 +308,7 @@ def collect(records: list[dict]) -> list[dict]:
         for path, row in rows:
             paths.setdefault(row["model"], set()).add(path)
     out, seen = [], set()
+    langs_of: dict[str, list | None] = {}
     for rec, label, rows in per_record:
         point = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(label.items()))
         for path, row in rows:
@@ -257,7 +318,11 @@ def collect(records: list[dict]) -> list[dict]:
             key = (variant, row["task"], row.get("lang"), row["metric"], row.get("filter"))
             if key not in seen:
                 seen.add(key)
-                out.append({**row, "variant": variant, "point": label})
+                if path not in langs_of:
+                    langs_of[path] = _eval_model_langs(path)
+                trained = langs_of[path]
+                zero_shot = None if trained is None or not row.get("lang") else row["lang"] not in trained
+                out.append({**row, "variant": variant, "point": label, "zero_shot": zero_shot})
     return out
 
 

@@ -109,6 +109,8 @@ def command(cfg, record) -> None:
 def train_one(cfg, record) -> None:
     p = train_plan(cfg)
     record.extra["product"] = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key)}
+    if cfg.adapter.type == "lora" and not cfg.adapter.init_from:  # the alpha used, also when it followed the rank
+        record.extra["product"]["lora_alpha"] = p.key["adapter"]["alpha"]
     if source_of(p.model_path):  # a base converted from a GGUF file: which file, which bytes
         record.extra["model_source"] = source_of(p.model_path)
     work_dir = p.store.work_dir(p.kind, p.name, p.key)  # checkpoints survive a killed run

@@ -8,6 +8,8 @@ Merge methods check their own parameters beside their maths (polyft.merge.regist
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig
 
 from polyft.adapters.flix import FEATURE_TYPES
@@ -48,15 +50,33 @@ def _check_flix(a) -> None:
         raise ConfigError(f"adapter.feature_dropout={a.feature_dropout} is not allowed; it must be in [0, 1)")
 
 
+def _check_alpha_ratio(a) -> None:
+    ratio = a.alpha_ratio
+    if ratio is None or a.type == "full":  # full fine-tuning has no alpha: ignored, as alpha is
+        return
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0 or math.isinf(ratio):
+        raise ConfigError(f"adapter.alpha_ratio={ratio} is not allowed; use a number > 0 (alpha = ratio * r), "
+                          "or null for the fixed adapter.alpha")
+    if a.type == "flix":
+        raise ConfigError(f"adapter.alpha_ratio={ratio} is not allowed with adapter=flix, whose alpha is per "
+                          "feature type (adapter.alpha.<type>); set adapter.alpha_ratio=null")
+    if a.match:
+        raise ConfigError(f"adapter.alpha_ratio={ratio} is not allowed with adapter.match={a.match}, which sets "
+                          "alpha from the FLix expert's scale; set adapter.alpha_ratio=null")
+
+
 def _check_adapter(a) -> None:
     choice("adapter.type", a.type, ("full", "lora", "flix"))
+    _check_alpha_ratio(a)
     if a.type == "flix":
         _check_flix(a)
     elif a.type != "full":
         if a.r <= 0:
             raise ConfigError(f"adapter.r={a.r} is not allowed; the LoRA rank must be a positive integer")
-        if not a.match and (isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or a.alpha <= 0):
-            raise ConfigError(f"adapter.alpha={a.alpha} is not allowed; it must be a number > 0")
+        if not a.match and a.alpha_ratio is None and (
+                isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or a.alpha <= 0):
+            raise ConfigError(f"adapter.alpha={a.alpha} is not allowed; it must be a number > 0 "
+                              "(or set adapter.alpha_ratio: alpha = ratio * r)")
         if not 0 <= a.dropout < 1:
             raise ConfigError(f"adapter.dropout={a.dropout} is not allowed; it must be in [0, 1)")
         if not a.target_modules:
@@ -96,6 +116,9 @@ def check_data(d) -> None:
             choice(f"{key}.split", s.split, SPLITS)
         elif not s.path:
             raise ConfigError(f"{key}.path is missing; a {s.type} source needs a path or dataset id")
+        if s.data_files is not None and s.type not in ("hub", "jsonl", "parquet", "csv"):
+            raise ConfigError(f"{key}.data_files={s.data_files} is not allowed with type={s.type}; it names a "
+                              "file of a hub dataset, or of the local directory in path (jsonl, parquet, csv)")
 
 
 def _check_train(t) -> None:

@@ -49,6 +49,9 @@ class AdapterConfig:
     type: str = "lora"  # full | lora | flix
     r: int = 8
     alpha: Any = 16.0  # a number; flix: one per feature type, e.g. {task: 16, lang: 8}
+    # lora: alpha = alpha_ratio * r, so a rank sweep keeps the scale alpha / r fixed. When set it
+    # wins over `alpha` (give alpha: null beside it), and the alpha it gives is the one recorded.
+    alpha_ratio: Optional[float] = None
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     rslora: bool = False
@@ -81,6 +84,9 @@ class SourceConfig:
     langs: List[str] = field(default_factory=list)
     n: int = 0  # synthetic: examples per language
     hub_config: Optional[str] = None
+    # a file of the dataset to read (e.g. MultiAlpaca's ar.jsonl), where its configs do not split it:
+    # hub: a file of the dataset repo; jsonl/parquet/csv: a file in the directory `path` (a local copy)
+    data_files: Optional[str] = None
     split: str = "train"
     weight: float = 1.0
     max_rows: Optional[int] = None

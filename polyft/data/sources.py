@@ -3,7 +3,9 @@
 A source is synthetic (generated here), a local jsonl/parquet/csv file, a hub dataset id,
 or an unpacked XTREME-UP release (polyft/data/xtremeup.py). Field names map the source's
 columns onto prompt/response; features (lang, task) come from fixed values or from a
-column (XTREME-UP: the task and each file's language). No torch here: the CLI reads
+column (XTREME-UP: the task and each file's language). `data_files` names one file of a hub
+dataset whose configs do not split it (MultiAlpaca: <lang>.jsonl), and the same file in a
+local copy of it (a directory in `path`). No torch here: the CLI reads
 sources while checking a config, before anything is written.
 """
 
@@ -31,13 +33,17 @@ def _read_file(kind: str, path: Path) -> list[dict]:
 
 def _read_hub(key: str, src, offline: bool) -> list[dict]:
     if offline:
+        if src.data_files:  # a copy of the repo's files: the same source, read from a directory
+            raise PolyftError(
+                f"{key}.path={src.path} is a hub dataset but polyft is offline; save its files in a "
+                f"directory and set {key}.type=jsonl {key}.path=DIR (reads DIR/{src.data_files})")
         raise PolyftError(
             f"{key}.path={src.path} is a hub dataset but polyft is offline; save a local copy "
             f"(jsonl, parquet or csv) and set {key}.type=jsonl {key}.path=/path/to/file")
     import datasets
 
     try:
-        ds = datasets.load_dataset(src.path, src.hub_config, split=src.split)
+        ds = datasets.load_dataset(src.path, src.hub_config, data_files=src.data_files, split=src.split)
     except Exception as exc:  # noqa: BLE001 - any hub failure is the user's to fix
         raise PolyftError(f"{key}.path={src.path}: could not load from the hub ({type(exc).__name__}); "
                           "check the id, config and split, or use a local copy") from None
@@ -51,7 +57,14 @@ def raw_rows(key: str, src, seed: int, offline: bool) -> list[dict]:
     if src.type == "hub":
         return _read_hub(key, src, offline)
     path = Path(src.path).expanduser()
-    if not path.is_file():
+    if src.data_files:
+        if not path.is_dir():
+            raise PolyftError(f"{key}.path={src.path}: not a directory; with {key}.data_files={src.data_files} "
+                              f"it is the directory holding that file (or set {key}.data_files=null)")
+        path = path / src.data_files
+        if not path.is_file():
+            raise PolyftError(f"{key}.data_files={src.data_files}: no such file in {src.path}")
+    elif not path.is_file():
         raise PolyftError(f"{key}.path={src.path}: no such file (a local {src.type} file is expected)")
     return _read_file(src.type, path)
 
