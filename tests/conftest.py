@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,17 +69,42 @@ def pytest_sessionstart(session):
         return
     if config.option.collectonly:
         return
+    import tempfile
+
     from polyft.errors import PolyftError
 
     root = CACHE_ROOT
     root.mkdir(parents=True, exist_ok=True)
-    llama = _tiny_llama(root)
-    _tiny_mistral(root)
-    _tiny_gguf_dir(root, _tiny_gguf(root, llama))
-    try:
-        _smollm2_dir(root, _smollm2_gguf())
-    except PolyftError:
-        pass  # the real model is not installed: its tests skip
+    # The builders' progress bars and notices go to a file, shown only if a build fails.
+    with tempfile.TemporaryFile() as log:
+        saved = [os.dup(1), os.dup(2)]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            llama = _tiny_llama(root)
+            _tiny_mistral(root)
+            _tiny_gguf_dir(root, _tiny_gguf(root, llama))
+            try:
+                _smollm2_dir(root, _smollm2_gguf())
+            except PolyftError:
+                pass  # the real model is not installed: its tests skip
+        except BaseException:
+            ok = False
+            raise
+        else:
+            ok = True
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if not ok:
+                log.seek(0)
+                sys.stderr.write(log.read().decode("utf-8", "replace")[-5000:])
 
 
 @pytest.fixture(scope="session")
@@ -109,21 +135,81 @@ def tiny_mistral_dir(cache_root) -> Path:
     return _tiny_mistral(cache_root)
 
 
-def polyft(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None):
-    """Run the real CLI in a subprocess; returns CompletedProcess (text)."""
+class _Server:
+    """tests/cli_server.py, started once per test process: forks `polyft ARGS` processes
+    that find torch, transformers, lm-eval... imported already."""
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def run(cls, args, cwd, env, timeout) -> subprocess.CompletedProcess:
+        import select
+        import tempfile
+
+        if cls.proc is None or cls.proc.poll() is not None:
+            cls.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_server.py")], cwd=REPO,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        with tempfile.TemporaryDirectory(prefix="polyft-cli-") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            out.touch()
+            err.touch()
+            request = {"args": list(args), "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
+            cls.proc.stdin.write(json.dumps(request) + "\n")
+            cls.proc.stdin.flush()
+            line = cls.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("tests/cli_server.py ended; run with POLYFT_TEST_FORK=0 to see why")
+            pid = json.loads(line)["pid"]
+            if not select.select([cls.proc.stdout], [], [], timeout)[0]:
+                os.kill(pid, signal.SIGKILL)
+                cls.proc.stdout.readline()
+                raise subprocess.TimeoutExpired(["polyft", *args], timeout, out.read_text(), err.read_text())
+            status = json.loads(cls.proc.stdout.readline())["status"]
+            return subprocess.CompletedProcess(["polyft", *args], status,
+                                               out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.proc is not None and cls.proc.poll() is None:
+            cls.proc.stdin.close()
+            cls.proc.wait(timeout=60)
+        cls.proc = None
+
+
+# POLYFT_TEST_FORK=0: every CLI call is a fresh `python -m polyft.cli` (slower; the same tests).
+FORK = os.environ.get("POLYFT_TEST_FORK", "1") not in ("0", "false", "no", "off")
+
+
+def polyft(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None, fresh: bool = False):
+    """Run the real CLI in a process of its own; returns CompletedProcess (text). fresh=True
+    (or POLYFT_TEST_FORK=0): `python -m polyft.cli` in a new interpreter; otherwise a child
+    forked by tests/cli_server.py, whose libraries are imported already."""
     full_env = {**os.environ, **(env or {})}
+    if FORK and not fresh:
+        return _Server.run(args, cwd, full_env, timeout)
     return subprocess.run([sys.executable, "-m", "polyft.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def pytest_sessionfinish(session):
+    _Server.stop()
+
+
+# The CLI's own behaviour as a freshly started program (imports, exit codes, one-line errors,
+# the console) is tested with real `python -m polyft.cli` processes in these modules.
+FRESH_PROCESS = {"test_cli.py", "test_console.py"}
+
+
 @pytest.fixture
-def cli(tmp_path, cache_root):
+def cli(tmp_path, cache_root, request):
     """polyft(...) in a fresh working directory whose outputs/models reuses the tiny-model cache."""
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "models").symlink_to(cache_root / "models", target_is_directory=True)
+    fresh = request.node.path.name in FRESH_PROCESS
 
     def run(*args, **kw):
-        return polyft(*args, cwd=tmp_path, **kw)
+        return polyft(*args, cwd=tmp_path, **{"fresh": fresh, **kw})
 
     run.cwd = tmp_path
     return run
