@@ -61,11 +61,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionstart(session):
-    """Under xdist, the controller builds the shared models (tiny Llama and Mistral, the tiny
+    """Each xdist worker starts its CLI server now (see polyft() below). Under xdist, the
+    controller builds the shared models (tiny Llama and Mistral, the tiny
     GGUF and its conversion, the converted SmolLM2) before the workers start: no test then
     sees another worker's half-built model (a .tmp-* directory) in the shared models dir."""
     config = session.config
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+    if hasattr(config, "workerinput"):
+        if FORK:
+            _Server.start()
+        return
+    if not getattr(config.option, "numprocesses", None):
         return
     if config.option.collectonly:
         return
@@ -140,33 +145,54 @@ class _Server:
     that find torch, transformers, lm-eval... imported already."""
 
     proc: subprocess.Popen | None = None
+    pending = b""  # what the server answered beyond the last line read
 
     @classmethod
-    def run(cls, args, cwd, env, timeout) -> subprocess.CompletedProcess:
+    def answer(cls, timeout: float | None) -> dict | None:
+        """The server's next line (None: none within `timeout` seconds)."""
         import select
-        import tempfile
+        import time
 
+        fd = cls.proc.stdout.fileno()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in cls.pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise RuntimeError("tests/cli_server.py ended; run with POLYFT_TEST_FORK=0 to see why")
+            cls.pending += chunk
+        line, cls.pending = cls.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    @classmethod
+    def start(cls) -> None:
+        """Start the server (it imports in the background while tests run) unless it runs."""
         if cls.proc is None or cls.proc.poll() is not None:
             cls.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_server.py")], cwd=REPO,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True, bufsize=1)
+                                        stderr=subprocess.DEVNULL, bufsize=0)
+            cls.pending = b""
+
+    @classmethod
+    def run(cls, args, cwd, env, timeout) -> subprocess.CompletedProcess:
+        import tempfile
+
+        cls.start()
         with tempfile.TemporaryDirectory(prefix="polyft-cli-") as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
             out.touch()
             err.touch()
             request = {"args": list(args), "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
-            cls.proc.stdin.write(json.dumps(request) + "\n")
-            cls.proc.stdin.flush()
-            line = cls.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("tests/cli_server.py ended; run with POLYFT_TEST_FORK=0 to see why")
-            pid = json.loads(line)["pid"]
-            if not select.select([cls.proc.stdout], [], [], timeout)[0]:
+            cls.proc.stdin.write((json.dumps(request) + "\n").encode())
+            pid = cls.answer(None)["pid"]
+            done = cls.answer(timeout)
+            if done is None:
                 os.kill(pid, signal.SIGKILL)
-                cls.proc.stdout.readline()
+                cls.answer(None)
                 raise subprocess.TimeoutExpired(["polyft", *args], timeout, out.read_text(), err.read_text())
-            status = json.loads(cls.proc.stdout.readline())["status"]
-            return subprocess.CompletedProcess(["polyft", *args], status,
+            return subprocess.CompletedProcess(["polyft", *args], done["status"],
                                                out.read_text(errors="replace"), err.read_text(errors="replace"))
 
     @classmethod
