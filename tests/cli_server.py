@@ -1,13 +1,12 @@
-"""A process that has imported the heavy libraries once (torch, transformers, peft, datasets,
-lm-eval, Hydra) and forks one child per `polyft ...` command line of the tests.
+"""A process that has imported the heavy libraries once (torch, transformers, datasets,
+lm-eval, Hydra, accelerate) and forks one child per `polyft ...` command line of the tests.
 
 Each child is a process of its own, as `python -m polyft.cli ARGS` in a subprocess is: its own
 working directory, environment, stdin (/dev/null), stdout and stderr (files the test reads),
 exit code; polyft.cli runs in it as __main__ (runpy, as `-m` does), and it exits through the
 interpreter's normal exit (atexit handlers, logging shutdown). What a child does not do is
 import torch and the rest again: about 5 s of CPU per command that trains, merges or evaluates.
-Only libraries that print nothing when imported are preloaded (not trl, whose bitsandbytes
-import prints a warning that polyft's console must catch in the run).
+Only libraries that print nothing when imported are preloaded (see PRELOAD).
 
 Protocol (one JSON object per line): stdin gets {"args", "cwd", "env", "out", "err"}; stdout
 answers {"pid": N} when the child starts and {"pid": N, "status": CODE} when it has exited
@@ -20,15 +19,24 @@ import json
 import os
 import sys
 
-PRELOAD = ("torch", "transformers", "datasets", "peft", "safetensors.torch", "lm_eval", "lm_eval.evaluator",
-           "hydra", "omegaconf", "hydra._internal.hydra")
+# Silent imports only. Not peft, trl or transformers.trainer: they import bitsandbytes, whose
+# warning (kernels-community) each command must print into its own console window as before;
+# what they import besides it is here.
+PRELOAD = ("torch", "transformers", "datasets", "safetensors.torch", "lm_eval", "lm_eval.evaluator",
+           "hydra", "omegaconf", "hydra._internal.hydra", "transformers.modeling_utils",
+           "transformers.loss.loss_utils", "torch._inductor.compile_fx", "torch.distributed.tensor",
+           "transformers.distributed.fsdp", "scipy.optimize", "transformers.models.llama.modeling_llama",
+           "transformers.models.mistral.modeling_mistral", "accelerate")
 
 
 def preload() -> None:
     import importlib
 
     for name in PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another version of a library: its children import what they need
+            pass
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (lazy in transformers)
 
 
