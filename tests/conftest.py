@@ -33,14 +33,24 @@ GROUPS = {"test_slurm.py": "slurm", "test_real_model.py": "real_model"}
 # The longest tests (seconds on 2 cores, from --durations) start first, so that no worker is
 # left with one of them at the end while the other has nothing to do.
 SLOW_FIRST = [
-    "test_real_model.py",
+    "test_train.py::test_killed_run_resumes_to_the_same_weights",
+    "test_train.py::test_default_train_is_lora_on_tiny_model",
     "test_run.py::test_demo_end_to_end_real_numbers_then_cached",
     "test_run.py::test_killed_run_completes_with_the_same_table",
-    "test_train.py::test_killed_run_resumes_to_the_same_weights",
-    "test_flix_cli.py::test_flix_demo_end_to_end_compose_and_eval_equality",
-    "test_slurm.py",
-    "test_run.py::test_sweep_trains_each_expert_once_and_reports_a_heatmap",
     "test_run.py::test_each_command_runs_its_own_stage",
+    "test_real_model.py",
+    "test_slurm.py",
+    "test_train.py::test_merge_back_writes_bf16_merged_model",
+    "test_train.py::test_variants_train_and_load",
+    "test_train.py::test_sweep_one_artifact_per_point_and_rerun_trains_nothing",
+    "test_run.py::test_sweep_trains_each_expert_once_and_reports_a_heatmap",
+    "test_flix_cli.py::test_flix_demo_end_to_end_compose_and_eval_equality",
+    "test_train.py::test_hub_preset_with_local_path",
+    "test_plan.py::test_estimate_matches_measured_peak_smollm2",
+    "test_train.py::test_two_process_ddp_on_cpu",
+    "test_user_configs.py::test_project_runs_with_config_dir_searchpath_and_multirun",
+    "test_eval_equivalence.py::test_custom_task_equals_lm_eval_on_smollm2",
+    "test_eval_equivalence.py::test_custom_task_equals_lm_eval_on_tiny_model",
 ]
 
 
@@ -52,6 +62,7 @@ def _slow_rank(item) -> int:
     return len(SLOW_FIRST)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the marks into groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         group = GROUPS.get(item.path.name)
