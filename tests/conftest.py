@@ -62,13 +62,29 @@ def _slow_rank(item) -> int:
     return len(SLOW_FIRST)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the marks into groups
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         group = GROUPS.get(item.path.name)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=_slow_rank)  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup by GROUPS. xdist's own loadgroup reads the xdist_group marks through
+    a suffix of the node id that pytest 9 no longer takes (Node.nodeid comes from Node._id),
+    so every test would be a group of its own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return GROUPS.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
+
+    return GroupScheduling(config, log)
 
 
 def pytest_sessionstart(session):
