@@ -30,27 +30,29 @@ CACHE_ROOT = Path(os.environ.get("POLYFT_TEST_CACHE", REPO / "outputs" / "test-c
 # loadgroup): the SLURM tests start, stop and restart one cluster; test_real_model's module
 # fixtures train SmolLM2 once for the module.
 GROUPS = {"test_slurm.py": "slurm", "test_real_model.py": "real_model"}
-# The longest tests (seconds on 2 cores, from --durations) start first, so that no worker is
+# The longest tests (from --durations under xdist) start first, so that no worker is
 # left with one of them at the end while the other has nothing to do.
 SLOW_FIRST = [
-    "test_train.py::test_killed_run_resumes_to_the_same_weights",
-    "test_train.py::test_default_train_is_lora_on_tiny_model",
     "test_run.py::test_demo_end_to_end_real_numbers_then_cached",
+    "test_train.py::test_killed_run_resumes_to_the_same_weights",
     "test_run.py::test_killed_run_completes_with_the_same_table",
+    "test_run.py::test_sweep_trains_each_expert_once_and_reports_a_heatmap",
     "test_run.py::test_each_command_runs_its_own_stage",
     "test_real_model.py",
     "test_slurm.py",
+    "test_train.py::test_default_train_is_lora_on_tiny_model",
+    "test_eval_equivalence.py::test_custom_task_equals_lm_eval_on_smollm2",
+    "test_flix_cli.py::test_flix_demo_end_to_end_compose_and_eval_equality",
+    "test_console.py::test_train_console_is_quiet_and_verbose_brings_the_logs_back",
+    "test_train.py::test_sweep_one_artifact_per_point_and_rerun_trains_nothing",
+    "test_train.py::test_two_process_ddp_on_cpu",
+    "test_console.py::test_multirun_points_each_log_into_their_own_run_dir",
+    "test_lorahub.py::test_transfer_demo_prints_three_strategies_then_reuses_every_stage",
+    "test_user_configs.py::test_project_runs_with_config_dir_searchpath_and_multirun",
+    "test_console.py::test_one_bar_for_eval_requests_and_merge_tensors_on_a_terminal_only",
     "test_train.py::test_merge_back_writes_bf16_merged_model",
     "test_train.py::test_variants_train_and_load",
-    "test_train.py::test_sweep_one_artifact_per_point_and_rerun_trains_nothing",
-    "test_run.py::test_sweep_trains_each_expert_once_and_reports_a_heatmap",
-    "test_flix_cli.py::test_flix_demo_end_to_end_compose_and_eval_equality",
     "test_train.py::test_hub_preset_with_local_path",
-    "test_plan.py::test_estimate_matches_measured_peak_smollm2",
-    "test_train.py::test_two_process_ddp_on_cpu",
-    "test_user_configs.py::test_project_runs_with_config_dir_searchpath_and_multirun",
-    "test_eval_equivalence.py::test_custom_task_equals_lm_eval_on_smollm2",
-    "test_eval_equivalence.py::test_custom_task_equals_lm_eval_on_tiny_model",
 ]
 
 
