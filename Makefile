@@ -48,8 +48,11 @@ tables-real: install fetch-model
 	$(REAL_ENV) $(VENV)/bin/polyft run +exp=maple_real -m adapter.r=4,64 quant=none,4bit
 	$(REAL_ENV) $(VENV)/bin/polyft run +exp=merge_lowres_real -m merge.slack=0.0,0.1,0.3
 
+# One pytest-xdist worker per core; --dist loadgroup keeps the tests that share a SLURM
+# cluster or a module's trained models on one worker (tests/conftest.py names the groups).
+PYTEST_WORKERS ?= auto
 test: install fetch-model
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(PY) scripts/bench_train.py
