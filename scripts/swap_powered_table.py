@@ -151,7 +151,7 @@ def main(argv=None) -> int:
               f"polyft run +exp={args.exp} -m seed={','.join(map(str, args.seeds))}", file=sys.stderr)
         return 2
     target = f"toy_wordarith_{lang}"
-    tasks = [target, f"toy_arith_{lang}", f"toy_numbers_{lang}", "toy_arith_en", "toy_wordarith_en"]
+    tasks = [target, f"toy_arith_{lang}", f"toy_numbers_{lang}", "toy_arith_en"]
     out = [f"### {args.exp}: swap (bottom={args.bottom}, top={args.top}) over seeds {args.seeds}", "",
            table(data, args.seeds, tasks), "#### Precondition (each expert beats the base on its own skill by "
            "> 2 SE of the difference)", ""]
