@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     out += [pre, ""]
     verdict, why = decide(data, ok, target)
     out += [f"#### Decision rule on {target} (seeds read: {ok})", "", "```", why, "```", "",
-            f"**The effect {verdict}.**" if verdict != "not testable" else f"**Not testable**: {why}."]
+            {"appears": "**The effect appears.**", "reversed": "**The effect is reversed (the swap loses).**",
+             "not shown": "**The effect is not shown.**"}.get(verdict, f"**Not testable**: {why}.")]
     text = "\n".join(out)
     print(text)
     report = Path(args.root) / "reports" / args.exp
