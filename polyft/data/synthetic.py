@@ -61,7 +61,9 @@ _INSTR = {
     "ja": ("{n}を漢数字で書いてください。", "{w}の次の数は何ですか？"),
 }
 
-GENERATORS = ("arithmetic", "instructions")
+# The tiny models' tokenizer corpus reads these two only (its output must not change).
+_CORPUS_GENERATORS = ("arithmetic", "instructions")
+GENERATORS = _CORPUS_GENERATORS + ("arithmetic_words", "numbers")
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,52 @@ def instruction(lang: str, rng: random.Random) -> Example:
     return Example(successor.format(w=words[n]), words[n + 1], lang, "instruct")
 
 
+# Reading number words back as digits, per language (the third kind of `numbers` rows).
+_READ = {
+    "en": "Write {w} as a number in digits.",
+    "de": "Schreibe {w} als Zahl in Ziffern.",
+    "es": "Escribe {w} como número en cifras.",
+    "fr": "Écris {w} en chiffres.",
+    "sw": "Andika {w} kwa tarakimu.",
+    "ja": "{w}を算用数字で書いてください。",
+}
+
+
+def arithmetic_words(lang: str, rng: random.Random) -> Example:
+    """`arithmetic` with the operands written as number words of `lang` (all within 0-20);
+    the answer stays in digits, as in MGSM. Reading the problem needs the language's number
+    words, solving it needs the arithmetic."""
+    words = NUMBER_WORDS[lang]
+    name, item = rng.choice(_NAMES[lang]), rng.choice(_ITEMS[lang])
+    add, sub = _MATH[lang]
+    if rng.random() < 0.5:
+        a, b = rng.randint(1, 10), rng.randint(1, 10)
+        return Example(add.format(name=name, item=item, a=words[a], b=words[b]), str(a + b), lang, "math")
+    a = rng.randint(2, 20)
+    b = rng.randint(1, a - 1)
+    return Example(sub.format(name=name, item=item, a=words[a], b=words[b]), str(a - b), lang, "math")
+
+
+def numbers(lang: str, rng: random.Random) -> Example:
+    """Number-word instructions in `lang`, no arithmetic: a number in words, the word that
+    follows a word, or a word read back as digits (a third each)."""
+    words = NUMBER_WORDS[lang]
+    to_words, successor = _INSTR[lang]
+    kind = rng.randrange(3)
+    if kind == 0:
+        n = rng.randint(0, 20)
+        return Example(to_words.format(n=n), words[n], lang, "instruct")
+    if kind == 1:
+        n = rng.randint(0, 19)
+        return Example(successor.format(w=words[n]), words[n + 1], lang, "instruct")
+    n = rng.randint(0, 20)
+    return Example(_READ[lang].format(w=words[n]), str(n), lang, "instruct")
+
+
 def generate(generator: str, langs: list[str] | tuple[str, ...], n: int, seed: int) -> list[dict]:
     """`n` examples per language, the same for the same (generator, langs, n, seed)."""
-    make = {"arithmetic": arithmetic, "instructions": instruction}[generator]
+    make = {"arithmetic": arithmetic, "instructions": instruction, "arithmetic_words": arithmetic_words,
+            "numbers": numbers}[generator]
     rows = []
     for lang in langs:
         rng = random.Random(f"{generator}:{lang}:{seed}")
@@ -109,6 +154,6 @@ def generate(generator: str, langs: list[str] | tuple[str, ...], n: int, seed: i
 def corpus(seed: int = 0, per_lang: int = 200) -> list[str]:
     """Plain text in every language, for training the tiny models' tokenizer."""
     texts = [" ".join(words) for words in NUMBER_WORDS.values()]
-    for gen in GENERATORS:
+    for gen in _CORPUS_GENERATORS:
         texts.extend(f"{r['prompt']} {r['response']}" for r in generate(gen, LANGS, per_lang, seed))
     return texts

@@ -189,7 +189,8 @@ def _synthetic_digest() -> str:
 
 def demo_files(spec: TaskSpec, demo_root: Path) -> None:
     """Point a demo task at its (not necessarily existing yet) data files."""
-    directory = Path(demo_root).resolve() / _synthetic_digest() / spec.name
+    rows = spec.family.test_rows
+    directory = Path(demo_root).resolve() / _synthetic_digest() / (f"{spec.name}-{rows}" if rows else spec.name)
     spec.data_files = {"test": str(directory / "test.jsonl"), "train": str(directory / "train.jsonl")}
     spec.overrides.update(dataset_path="json", dataset_name=None,
                           dataset_kwargs={"data_files": dict(spec.data_files)})
@@ -224,7 +225,8 @@ def write_demo_data(spec: TaskSpec) -> None:
             return
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
         try:
-            for split, n, seed in (("test", DEMO_TEST_ROWS, DEMO_SEED), ("train", DEMO_FEWSHOT_ROWS, DEMO_SEED + 1)):
+            n_test = spec.family.test_rows or DEMO_TEST_ROWS
+            for split, n, seed in (("test", n_test, DEMO_SEED), ("train", DEMO_FEWSHOT_ROWS, DEMO_SEED + 1)):
                 rows = demo_rows(spec.family, spec.family_lang, n, seed)
                 (tmp / f"{split}.jsonl").write_text(
                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

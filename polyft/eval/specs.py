@@ -62,11 +62,20 @@ class Family:
     langs: dict  # lang -> hub dataset config, or None when polyft generates or reads the data
     generator: str | None = None  # polyft.data.synthetic generator of the (demo) data
     xtremeup_task: str | None = None  # the XTREME-UP task whose local release files it reads
+    test_rows: int | None = None  # generated test rows per language; None: the demo's 50
 
 
 FAMILIES = (
     Family("demo_arith", TASKS_DIR / "demo" / "arith.yaml", dict.fromkeys(SYNTHETIC_LANGS), "arithmetic"),
     Family("demo_words", TASKS_DIR / "demo" / "words.yaml", dict.fromkeys(SYNTHETIC_LANGS), "instructions"),
+    # Short-answer tasks with 200 test rows per language (powered tables, exp=swap_powered_*):
+    # toy_arith (toy MGSM, digits), toy_wordarith (operands as number words), toy_numbers.
+    Family("toy_arith", TASKS_DIR / "demo" / "arith.yaml", dict.fromkeys(SYNTHETIC_LANGS), "arithmetic",
+           test_rows=200),
+    Family("toy_wordarith", TASKS_DIR / "demo" / "arith.yaml", dict.fromkeys(SYNTHETIC_LANGS),
+           "arithmetic_words", test_rows=200),
+    Family("toy_numbers", TASKS_DIR / "demo" / "arith.yaml", dict.fromkeys(SYNTHETIC_LANGS), "numbers",
+           test_rows=200),
     Family("polyft_xlsum", TASKS_DIR / "xlsum" / "xlsum.yaml", XLSUM_CONFIGS),
     *(Family(f"xtremeup_{task}", TASKS_DIR / "xtremeup" / f"{task}.yaml", dict.fromkeys(xtremeup.LANGUAGES[task]),
              xtremeup_task=task) for task in xtremeup.TASKS),

