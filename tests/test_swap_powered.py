@@ -102,8 +102,8 @@ def test_toy_task_families_have_200_rows_and_do_not_collide(tmp_path):
 
 @pytest.mark.parametrize("exp", ["swap_powered_de", "swap_powered_sw"])
 def test_swap_powered_experiments_compose(exp):
-    from polyft.compose import compose
-    from polyft.experiment import expert_cfg
+    from polyft.cli.compose import compose
+    from polyft.config.experiment import expert_cfg
 
     cfg = compose("run", [f"+exp={exp}"])
     lang = exp.rsplit("_", 1)[1]
