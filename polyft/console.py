@@ -166,10 +166,26 @@ def done(since: float, what: str) -> None:
 def progress(total: int, desc: str, unit: str = "it"):
     """One bar for one piece of long work, on the terminal's stderr; shown only on a terminal
     and removed when done (the stage's done line follows)."""
+    stream = _streams()[1]
+    if not stream.isatty():
+        return _NoBar(total)  # what tqdm's disable=None does off a terminal, without importing it (20 ms)
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"polyft: {desc}", unit=unit, file=_streams()[1], leave=False,
+    return tqdm(total=total, desc=f"polyft: {desc}", unit=unit, file=stream, leave=False,
                 disable=None, dynamic_ncols=True)
+
+
+class _NoBar:
+    """The bar off a terminal: nothing drawn, the count kept."""
+
+    def __init__(self, total: int):
+        self.total, self.n = total, 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        pass
 
 
 def train_bar():

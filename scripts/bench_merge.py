@@ -2,6 +2,7 @@
 """Benchmark `polyft merge` against mergekit on 7B-layout checkpoints scaled down.
 
     .venv/bin/python scripts/bench_merge.py [--root outputs/bench] [--methods linear,ties,...]
+        [--pairs 5] [--no-mergekit]
 
 Builds (once, cached under outputs/bench/models) three random bf16 Llama checkpoints
 (hidden 2048, 16 layers, vocab 32000, intermediate 5632: about 1.9 GB each, two shards),
@@ -9,7 +10,14 @@ then times polyft and mergekit on the same merges, each in a child process. merg
 in its own virtual environment, .venv-bench (created with `pip install mergekit` on first
 use), so that it cannot move the main environment's pins. Before every timed run all inputs
 are read once, so both tools start from the same warm page cache. Peak RSS is the largest
-sum of RSS over the child's process tree, polled every 20 ms with psutil.
+sum of RSS over the child's process tree, polled every 20 ms (/proc, as psutil reads it),
+with its anonymous and file-backed parts at that moment (mapped input pages count as file).
+
+Layer swapping without transition zones only copies tensors, so its floor is `cp -r` of one
+input model: --pairs N runs polyft, then `cp -r`, N times in turn, each from the same page
+cache state, and reports the median of polyft / `cp -r` over the pairs with its range, and
+polyft's peak RSS. polyft runs as `python -m polyft.cli` with this checkout first on
+PYTHONPATH, so the code timed is the code beside this script.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,14 +153,29 @@ def warm(paths: list[Path]) -> None:
                     pass
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
+PEAKS: dict = {}  # the last timed() run: peak {"rss", "anon", "file"} bytes, "cpu" seconds
+
+
+def _rss_parts(pid: int) -> tuple[int, int, int]:
+    """(RSS, anonymous, file-backed) bytes of one process, from /proc/PID/status."""
+    parts = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                parts[name] = int(value.split()[0]) * 1024
+    return parts.get("VmRSS", 0), parts.get("RssAnon", 0), parts.get("RssFile", 0) + parts.get("RssShmem", 0)
+
+
+def timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, int, int]:
     """(wall seconds, peak RSS bytes of the process tree, exit code)."""
     import psutil
 
     peak, stop = 0, threading.Event()
+    PEAKS.clear()
     with open(log, "w") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
         def poll():
             nonlocal peak
@@ -161,18 +185,23 @@ def timed(cmd: list[str], log: Path) -> tuple[float, int, int]:
                 return
             while not stop.is_set():
                 try:
-                    rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-                    peak = max(peak, rss)
-                except psutil.Error:
+                    tree = [_rss_parts(p.pid) for p in [root, *root.children(recursive=True)]]
+                    rss = sum(t[0] for t in tree)
+                    if rss > peak:
+                        peak = rss
+                        PEAKS.update(rss=rss, anon=sum(t[1] for t in tree), file=sum(t[2] for t in tree))
+                except (psutil.Error, OSError):
                     pass
                 time.sleep(0.02)
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        code = proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)  # wait() with the tree's CPU time
         wall = time.perf_counter() - start
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
         stop.set()
         poller.join()
+    PEAKS["cpu"] = usage.ru_utime + usage.ru_stime
     return wall, peak, code
 
 
@@ -206,21 +235,26 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2,
                     help="runs per tool for the methods mergekit does in under a minute (best is kept)")
     ap.add_argument("--no-mergekit", action="store_true", help="time polyft only")
+    ap.add_argument("--pairs", type=int, default=5,
+                    help="layer_swap: polyft then cp -r, this many times in turn (median and range)")
     args = ap.parse_args()
     root = Path(args.root).resolve()
     models = ensure_models(root)
     mergekit = None if args.no_mergekit else ensure_mergekit()
     out_root, logs, runs = root / "out", root / "logs", root / "runs"
     logs.mkdir(parents=True, exist_ok=True)
-    polyft = REPO / ".venv" / "bin" / "polyft"
+    # This checkout's polyft, whatever the environment has installed (an editable install
+    # may point at another worktree).
+    polyft = [sys.executable, "-m", "polyft.cli"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     sample = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
               "model.layers.9.mlp.down_proj.weight", "model.layers.15.mlp.up_proj.weight"]
     rows = []
-    swap_pairs: list[tuple[float, float]] = []  # (polyft layer_swap wall, cp -r wall right after)
+    swap_pairs: list[tuple] = []  # (polyft wall, cp -r wall right after, polyft's PEAKS, cp -r CPU s)
     first_swap = float("nan")
     # A compose cache of this run's own: the first polyft run composes its config, later
-    # runs of the same command line read it from the cache (polyft/compose_cache.py).
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="polyft-bench-cache-")
+    # runs of the same command line read it from the cache (polyft/cli/cache.py).
+    env["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="polyft-bench-cache-")
     started = time.time()
     for method in args.methods.split(","):
         overrides, mk_config = cases(models)[method]
@@ -233,7 +267,7 @@ def main() -> None:
                 out = out_root / f"{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "polyft":
-                    cmd = [str(polyft), "merge", f"merge={method}", *overrides, f"output_dir={out}",
+                    cmd = [*polyft, "merge", f"merge={method}", *overrides, f"output_dir={out}",
                            f"output_root={runs}", "logger=none"]
                 else:
                     conf = logs / f"mergekit-{method}.yml"
@@ -241,7 +275,7 @@ def main() -> None:
                     cmd = [str(mergekit), str(conf), str(out), "--lazy-unpickle", "--random-seed", "0"]
                 warm(used)
                 log = logs / f"{tool}-{method}.log"
-                wall, peak, code = timed(cmd, log)
+                wall, peak, code = timed(cmd, log, env)
                 if code != 0:
                     sys.exit(f"{tool} {method} failed (exit {code}); see {log}")
                 inner = merge_seconds(runs) if tool == "polyft" else float("nan")
@@ -258,18 +292,23 @@ def main() -> None:
         for tool in tools:
             shutil.rmtree(out_root / f"{tool}-{method}", ignore_errors=True)
         if method == "layer_swap":  # each run against its floor, timed right after it from the same state
-            for rep in range(args.repeat):
+            for rep in range(args.pairs):
                 pair = []
-                for name, cmd in (("polyft", [str(polyft), "merge", f"merge={method}", *overrides,
+                for name, cmd in (("polyft", [*polyft, "merge", f"merge={method}", *overrides,
                                               f"output_dir={out_root / 'pair'}", f"output_root={runs}",
                                               "logger=none"]),
                                   ("cp -r", ["cp", "-r", str(models[1]), str(out_root / "pair")])):
                     shutil.rmtree(out_root / "pair", ignore_errors=True)
                     warm(used)
-                    pair.append(timed(cmd, logs / "pair.log")[0])
+                    wall, _, code = timed(cmd, logs / "pair.log", env)
+                    if code != 0:
+                        sys.exit(f"{name} failed in pair {rep + 1} (exit {code}); see {logs / 'pair.log'}")
+                    pair += [wall, dict(PEAKS)]
                 shutil.rmtree(out_root / "pair", ignore_errors=True)
-                swap_pairs.append(tuple(pair))
-                print(f"  {method:<10} pair {rep + 1}: polyft {pair[0]:.2f} s, cp -r {pair[1]:.2f} s", flush=True)
+                swap_pairs.append((pair[0], pair[2], pair[1], pair[3]["cpu"]))
+                print(f"  {method:<10} pair {rep + 1}: polyft {pair[0]:.2f} s ({pair[1]['cpu']:.2f} s CPU, "
+                      f"{pair[1].get('rss', 0) / 2**20:.0f} MiB), cp -r {pair[2]:.2f} s ({pair[3]['cpu']:.2f} s CPU), "
+                      f"ratio {pair[0] / pair[2]:.2f}", flush=True)
     # The floor: copying one input model, which is the size of every output.
     dst, copies = out_root / "copy", []
     for _ in range(3):
@@ -298,10 +337,19 @@ def main() -> None:
             print(f"layer_swap / copy: {pw / copy_wall:.2f} for the whole command, "
                   f"{pi / copy_wall:.2f} for the merge itself (without Python, Hydra and import start-up)")
     if swap_pairs:
-        ratios = sorted(w / c for w, c in swap_pairs)
-        print(f"layer_swap whole command / cp -r timed right after it, {len(ratios)} pairs (config from the "
-              f"compose cache): median {ratios[len(ratios) // 2]:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
-              f"the first run (config composed, cache empty): {first_swap:.1f} s, "
+        ratios = sorted(w / c for w, c, _, _ in swap_pairs)
+        top = max((p for _, _, p, _ in swap_pairs), key=lambda p: p.get("rss", 0))
+        mib = {k: v / 2**20 for k, v in top.items()}
+        print(f"layer_swap whole command / cp -r timed right after it, {len(ratios)} pairs in turn (config from "
+              f"the compose cache): median {statistics.median(ratios):.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f}; "
+              f"polyft median {statistics.median(w for w, _, _, _ in swap_pairs):.2f} s, "
+              f"cp -r median {statistics.median(c for _, c, _, _ in swap_pairs):.2f} s")
+        print(f"layer_swap CPU time (user + system, the same on a busy machine): polyft median "
+              f"{statistics.median(p['cpu'] for _, _, p, _ in swap_pairs):.2f} s, cp -r median "
+              f"{statistics.median(c for _, _, _, c in swap_pairs):.2f} s")
+        print(f"layer_swap peak RSS of the polyft process tree over the pairs: {mib.get('rss', 0):.0f} MiB "
+              f"({mib.get('anon', 0):.0f} MiB anonymous, {mib.get('file', 0):.0f} MiB file-backed)")
+        print(f"layer_swap first run (config composed, cache empty): {first_swap:.2f} s, "
               f"{first_swap / copy_wall:.2f}x the best cp -r")
     print(f"benchmark time: {time.time() - started:.0f} s")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -64,13 +63,26 @@ def test_converted_once_and_keyed_by_content(tiny_gguf, tiny_gguf_dir, cache_roo
     assert gg.ensure_converted(copy, cache_root, build=False) == tiny_gguf_dir
 
 
+# A conversion that waits two minutes once the weights are written (before the tokenizer is
+# read), so that it can be killed there: the wait is patched in by the test, not polyft's.
+STALLED_CONVERSION = """
+import sys, time
+from pathlib import Path
+import transformers
+load = transformers.AutoTokenizer.from_pretrained
+def stalled(*args, **kwargs):
+    time.sleep(120)
+    return load(*args, **kwargs)
+transformers.AutoTokenizer.from_pretrained = stalled
+from polyft.models.gguf import ensure_converted
+ensure_converted(Path(sys.argv[1]), sys.argv[2])
+"""
+
+
 def test_a_killed_conversion_leaves_no_cache(tiny_gguf, tmp_path):
     root = tmp_path / "out"
-    code = "import sys; from pathlib import Path; from polyft.models.gguf import ensure_converted; " \
-           "ensure_converted(Path(sys.argv[1]), sys.argv[2])"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tiny_gguf), str(root)],
-                            env={**os.environ, gg.SLEEP_ENV: "120"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_CONVERSION, str(tiny_gguf), str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     models = root / "models"
     try:
         deadline = time.time() + 300

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -78,6 +77,21 @@ def test_layer_swap_sweep_gives_four_products(cli, models):
     assert proc.returncode == 0 and proc.stdout.count("already built") == 4
 
 
+# The CLI with every tensor write followed by half a second, so that a merge can be killed
+# midway: the slowness is the test's, patched in here, not a switch of polyft's.
+SLOW_MERGE = """
+import sys, time
+from polyft.merge import io
+write = io.ShardWriter.write
+def slow_write(self, *args, **kwargs):
+    write(self, *args, **kwargs)
+    time.sleep(0.5)
+io.ShardWriter.write = slow_write
+from polyft.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("where", ["output_dir", "store"])
 def test_killed_merge_leaves_nothing_and_reruns(cli, models, where):
     out = cli.cwd / "killed"
@@ -85,8 +99,7 @@ def test_killed_merge_leaves_nothing_and_reruns(cli, models, where):
     if where == "output_dir":
         args.append(f"output_dir={out}")
     parent = out.parent if where == "output_dir" else cli.cwd / "store" / "artifacts" / "merged"
-    env = {**os.environ, "POLYFT_MERGE_TEST_SLEEP": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "polyft.cli", *args], cwd=cli.cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, *args], cwd=cli.cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list(parent.glob(".tmp-*/model.safetensors")) and time.time() < deadline:

@@ -8,21 +8,29 @@ directories, in this order:
 A user's option may not take the name of a shipped one (it would be shadowed, silently).
 
 Composition goes through Hydra's config loader once per run point, with the hydra node, so
-that the config that is validated is the config that runs. This is the one module that uses
-hydra._internal (pinned hydra-core 1.3.8): the public compose API takes one config directory
-only, and running a composed config as Hydra's run mode does needs its callbacks."""
+that the config that is validated is the config that runs; a command line composed before
+against the same files is read back from polyft.cli.cache instead. This is the one module
+that uses hydra._internal (pinned hydra-core 1.3.8): the public compose API takes one config
+directory only, and running a composed config as Hydra's run mode does needs its callbacks.
+
+Hydra is imported only where it is used: a single run whose config comes from the cache runs
+through `run_job`'s own copy of Hydra's run mode and never imports it (its import alone is
+0.1-0.3 s of a command that may take a second)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
+import logging.config
+import os
 import re
+import sys
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.types import RunMode
-from omegaconf import open_dict, read_write
+from omegaconf import OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from polyft.config.schema import CONF_DIR, RootConfig, SourceConfig
 from polyft.errors import PolyftError
@@ -100,6 +108,8 @@ def source_overrides(overrides: list[str]) -> list[str]:
             out.append(o)
             continue
         name, value = m.groups()
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
         try:
             parsed = OverridesParser.create().parse_override(f"x={value}").value()
         except Exception:  # not a mapping Hydra can read: let Hydra's own message name it
@@ -124,6 +134,8 @@ def searchpath_entries(overrides: list[str]) -> list[str]:
 
 
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
     store = ConfigStore.instance()
     if "polyft_schema.yaml" not in store.repo:  # once per process: building the node is not free
         store.store(name="polyft_schema", node=RootConfig)
@@ -134,6 +146,7 @@ def hydra_app(command: str, dirs: list[Path]):
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
     from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
 
     key = (command, tuple(dirs))
     if key not in _HYDRAS:
@@ -153,22 +166,109 @@ multirun_app = hydra_app
 
 def compose(command: str, overrides: list[str], with_hydra: bool = False, dirs: list[Path] | None = None):
     """The config of one run point as Hydra composes it for running it (hydra.* overrides
-    included); `with_hydra` keeps the hydra node (run dir, launcher, callbacks)."""
+    included); `with_hydra` keeps the hydra node (run dir, launcher, callbacks). From the
+    compose cache when the same command line was composed before against the same files."""
+    from polyft.cli import cache
+
     dirs = list(dirs) if dirs is not None else user_config_dirs(None, overrides)
-    cfg = hydra_app(command, dirs).compose_config("config", [f"command={command}", *overrides],
-                                                  run_mode=RunMode.RUN, with_log_configuration=False)
+    full = [f"command={command}", *overrides]
+    key = cache.key(command, full, dirs)
+    cfg = cache.load(key)
+    if cfg is None:
+        from hydra.types import RunMode
+
+        cfg = hydra_app(command, dirs).compose_config("config", full, run_mode=RunMode.RUN,
+                                                      with_log_configuration=False)
+        if runnable(cfg):
+            cache.store(key, cfg)
+    else:
+        _resolvers()  # ${now:...} resolves (--cfg --resolve) without Hydra having registered it
     if not with_hydra:
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
     return cfg
 
 
+def composition_error(exc: BaseException) -> bool:
+    """A user's mistake found while composing (a Hydra error can only be raised once Hydra is
+    imported)."""
+    if isinstance(exc, (OmegaConfBaseException, ValueError)):
+        return True
+    errors = sys.modules.get("hydra.errors")
+    return errors is not None and isinstance(exc, errors.HydraException)
+
+
+# ------------------------------------------------------------------------ running one point
+
+# What polyft's runner reproduces of Hydra's run mode. A config that asks for more (its own
+# callbacks, a job that changes directory, logging with custom factories or classes, the
+# ${hydra:...} resolver) runs through Hydra's run_job, and is never cached.
+SHIPPED_CALLBACKS = {"sweep_report": {"_target_": "polyft.cli.callbacks.SweepReport"}}
+_LOGGING_EXT = ("ext://sys.stdout", "ext://sys.stderr")
+_RUN: list = []  # the hydra node of the run polyft's runner is in (output_dir() reads it)
+
+
+def runnable(cfg) -> bool:
+    """Whether `run_job` can run `cfg` itself, without Hydra, exactly as Hydra would."""
+    h = cfg.hydra
+    try:
+        callbacks = OmegaConf.to_container(h.callbacks, resolve=False) if h.callbacks is not None else {}
+        if callbacks not in ({}, SHIPPED_CALLBACKS) or h.job.chdir is not False:
+            return False
+        if h.job_logging is not None and not _plain_logging(OmegaConf.to_container(h.job_logging, resolve=False)):
+            return False
+        return not _uses_hydra_resolver(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
+    except OmegaConfBaseException:
+        return False
+
+
+def _plain_logging(conf) -> bool:
+    """A dictConfig of standard-library classes only: Hydra's configurator (which vets
+    factories and classes) does nothing more for it than logging.config does."""
+    if logging.config.dictConfigClass is not logging.config.DictConfigurator:
+        return False
+
+    def plain(node) -> bool:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "()" or (k == "class" and not (isinstance(v, str) and v.startswith("logging."))):
+                    return False
+                if not plain(v):
+                    return False
+            return True
+        if isinstance(node, list):
+            return all(plain(v) for v in node)
+        return not (isinstance(node, str) and (node.startswith(("ext://", "cfg://")) and node not in _LOGGING_EXT))
+
+    return isinstance(conf, dict) and plain(conf)
+
+
+def _uses_hydra_resolver(node) -> bool:
+    if isinstance(node, dict):
+        return any(_uses_hydra_resolver(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_uses_hydra_resolver(v) for v in node)
+    return isinstance(node, str) and "${hydra:" in node.replace(" ", "")
+
+
+def output_dir() -> str:
+    """The running job's directory (polyft's runner, or a Hydra job: a launcher's sweep point)."""
+    if _RUN:
+        return _RUN[-1].runtime.output_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
 def run_job(cfg, task_function) -> None:
     """Run one composed point as Hydra's run mode does (run dir, .hydra/, logging, callbacks),
-    without composing it again."""
+    without composing it again: by polyft's runner when it can, else through Hydra."""
+    if runnable(cfg):
+        return _run_job(cfg, task_function)
     from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.utils import run_job as hydra_run_job
-    from hydra.types import HydraContext
+    from hydra.types import HydraContext, RunMode
 
     with read_write(cfg.hydra):
         cfg.hydra.mode = RunMode.RUN
@@ -182,12 +282,106 @@ def run_job(cfg, task_function) -> None:
     _ = ret.return_value  # re-raises what the command raised
 
 
+def _run_job(cfg, task_function) -> None:
+    """hydra.core.utils.run_job (1.3.8) step by step, for a `runnable` config: the same run
+    directory, .hydra/config.yaml, hydra.yaml and overrides.yaml, job logging, env_set and
+    error line. Its callbacks are polyft's SweepReport only, which acts at a sweep's end: a
+    single run calls none of its hooks that do anything, so it is not made."""
+    _resolvers()
+    with read_write(cfg.hydra):
+        cfg.hydra.mode = "RUN"  # RunMode.RUN in a typed hydra node; the same YAML either way
+    out = str(OmegaConf.select(cfg, "hydra.run.dir"))
+    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = os.path.abspath(out)
+    OmegaConf.set_readonly(cfg.hydra, True)  # as HydraConfig.set_config leaves it
+    masked = OmegaConf.masked_copy(cfg, "hydra")  # HydraConfig's copy, and Hydra's deepcopy of it
+    masked.hydra._set_parent(cfg)
+    hydra_cfg = copy.deepcopy(masked)
+    overrides = OmegaConf.to_container(cfg.hydra.overrides.task)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _configure_log(cfg.hydra.job_logging, cfg.hydra.verbose)
+    saved = cfg.hydra.overrides.task if cfg.hydra.output_subdir is not None else None
+    where = Path(cfg.hydra.runtime.output_dir) / Path(cfg.hydra.output_subdir or ".")
+    # Hydra gives the task a deep copy without the hydra node; this config is the caller's
+    # to give away, so the node is taken off instead (the copy is 20 ms of a command's start).
+    task_cfg = cfg
+    with read_write(task_cfg), open_dict(task_cfg):
+        del task_cfg["hydra"]
+    if saved is not None:
+        where.mkdir(parents=True, exist_ok=True)
+        for node, name in ((task_cfg, "config.yaml"), (hydra_cfg, "hydra.yaml"), (saved, "overrides.yaml")):
+            (where / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+    _RUN.append(hydra_cfg.hydra)
+    failed = None
+    try:
+        with _env_override(hydra_cfg.hydra.job.env_set):
+            try:
+                task_function(task_cfg)
+            except Exception as exc:  # Hydra keeps it for after its job-end callbacks
+                failed = exc
+        for ref in logging._handlerList:  # Hydra's _flush_loggers
+            with suppress(Exception):
+                ref().flush()
+    finally:
+        _RUN.pop()
+    if failed is not None:
+        sys.stderr.write(f"Error executing job with overrides: {overrides}" + os.linesep)
+        raise failed
+
+
+def _resolvers() -> None:
+    """The resolvers Hydra registers when it starts (hydra.core.utils.setup_globals), but for
+    `hydra`, which a runnable config does not use."""
+    from datetime import datetime
+
+    if not OmegaConf.has_resolver("now"):
+        OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern), use_cache=True)
+    if not OmegaConf.has_resolver("python_version"):
+        vi = sys.version_info
+        versions = {"major": f"{vi[0]}", "minor": f"{vi[0]}.{vi[1]}", "micro": f"{vi[0]}.{vi[1]}.{vi[2]}"}
+        OmegaConf.register_new_resolver("python_version", lambda level="minor": versions.get(level))
+
+
+def _configure_log(log_config, verbose) -> None:
+    """hydra.core.utils.configure_log, for the plain dictConfig `runnable` allows."""
+    if log_config is not None:
+        conf = OmegaConf.to_container(log_config, resolve=True)
+        if conf["root"] is not None:
+            logging.config.dictConfig(conf)
+    else:
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        root.addHandler(handler)
+    if isinstance(verbose, bool):
+        if verbose:
+            logging.getLogger().setLevel(logging.DEBUG)
+    else:
+        for name in [verbose] if isinstance(verbose, str) else verbose:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+@contextmanager
+def _env_override(env):
+    """hydra.core.utils.env_override."""
+    original = {k: os.getenv(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in original.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
 def hydra_info(command: str, overrides: list[str], flags: list[str], dirs: list[Path]) -> int:
     """--info and --shell-completion: Hydra's own, through hydra.main, with the user's
     directories on its search path."""
-    import sys
-
     import hydra
+    from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -98,10 +98,10 @@ def flag_value(flags: list[str], *names: str) -> str | None:
 
 def sweep_points(overrides: list[str], multirun: bool) -> list[list[str]]:
     """Expand `a=1,2 b=x,y` into its points (capped), as Hydra's basic sweeper would."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     if not multirun:
         return [overrides]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     parsed = OverridesParser.create().parse_overrides(overrides)
     axes = []
     for o in parsed:
@@ -143,10 +143,7 @@ def job_config(cfg):
 def composed_points(command: str, overrides: list[str], dirs: list, multirun: bool) -> list:
     """Every run point composed (with its hydra node) and through the pure rules; the first
     bad one raises PolyftError."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from polyft.cli.compose import compose, explain
+    from polyft.cli.compose import compose, composition_error, explain
     from polyft.config.rules import validate
 
     try:
@@ -157,7 +154,9 @@ def composed_points(command: str, overrides: list[str], dirs: list, multirun: bo
             if COMMANDS[command].makes_run:
                 check_launcher(cfg)
             configs.append(cfg)
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+    except Exception as exc:
+        if not composition_error(exc):
+            raise
         raise PolyftError(explain(exc, dirs)) from None
     for cfg in configs:
         validate(cfg)
@@ -175,14 +174,14 @@ def preflight(command: str, configs: list) -> None:
 
 
 def run_command(cfg) -> None:
-    """Hydra's task function: one run directory, one run.json, one command."""
-    from hydra.core.hydra_config import HydraConfig
-
+    """The task function (of polyft.cli.compose.run_job, or of Hydra's launchers): one run
+    directory, one run.json, one command."""
+    from polyft.cli.compose import output_dir
     from polyft.config.rules import validate
     from polyft.config.schema import to_container
     from polyft.runs import RunRecord
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(output_dir())
     record = RunRecord(run_dir, cfg.command, to_container(cfg), seed=cfg.seed)
     with console.job(run_dir, cfg, record, sweep_point()):
         try:
@@ -199,6 +198,8 @@ def run_command(cfg) -> None:
 
 def sweep_point() -> str | None:
     """`#N overrides` of a sweep point (None outside a sweep)."""
+    if "hydra.core.hydra_config" not in sys.modules:
+        return None  # Hydra not even imported: a single run by polyft's runner
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -236,14 +236,12 @@ def merge_models(spec: MergeSpec, out_dir: str | Path, progress=None) -> dict:
     jobs, n_layers = plan_jobs(spec, method, inputs, names)
     bar = progress(len(jobs)) if progress is not None else None
     writer = io.ShardWriter(out_dir, [j.out for j in jobs], spec.shard_size,
-                            on_done=(lambda name: bar.update(1)) if bar is not None else None)
+                            on_done=(lambda name: bar.update(1)) if bar is not None else None,
+                            sources={j.name: j.raw for j in jobs if j.raw is not None})
     stop = threading.Event()
 
     def copy_all(raw_jobs):
-        for j in raw_jobs:
-            if stop.is_set():
-                return
-            writer.copy(j.name, j.raw)
+        writer.copy_many([(j.name, j.raw) for j in raw_jobs], stop)
 
     stats: dict = {}
     raw_jobs = [j for j in jobs if j.raw is not None]

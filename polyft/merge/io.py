@@ -9,7 +9,10 @@ adapter folded in, tensor by tensor.
 Writing: the output layout (shards, headers, byte offsets) is fixed from the input headers
 before any tensor is computed, so each tensor can be written at its final offset by any
 thread, in any order. A tensor taken unchanged from an input with the output dtype is
-copied file to file in the kernel (copy_file_range), never entering the process.
+copied file to file in the kernel (copy_file_range), never entering the process; neighbours
+in both files go in one call, and a shard's header is padded so that such tensors keep their
+offset within a page (measured on ext4: a copy between page-misaligned offsets takes 1.4x as
+long, and a call per tensor 1.15x as long as one per run of tensors).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import os
 import re
 import shutil
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +43,9 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6,
           "G": 10**9, "T": 10**12}
-# Test hook: seconds to sleep after each written tensor, so a test can kill a merge midway.
-SLEEP_ENV = "POLYFT_MERGE_TEST_SLEEP"
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# Bytes copied by one call at most: a merge that fails elsewhere stops its copier soon.
+COPY_SPAN = 256 << 20
 
 
 def parse_size(text) -> int:
@@ -294,11 +297,15 @@ def shard_name(k: int, n: int) -> str:
 class ShardWriter:
     """Writes planned safetensors shards; tensors may arrive in any order, from any thread.
 
-    Each shard file is created at its final size with its header in place; `write` and
-    `copy` fill a tensor's bytes at its planned offset (pwrite / copy_file_range), so
-    nothing is buffered. `finish` checks that every tensor arrived and writes the index."""
+    Each shard file is created with its header in place, at its final size when computed
+    tensors will land in it; `write` and `copy` fill a tensor's bytes at its planned offset
+    (pwrite / copy_file_range), so nothing is buffered. `finish` checks that every tensor
+    arrived and writes the index. `sources` (name -> where its bytes lie in an input) names
+    the tensors that will be copied, so that the header can put them page-aligned with
+    their input."""
 
-    def __init__(self, out_dir: str | os.PathLike, tensors: list[OutTensor], shard_size: int, on_done=None):
+    def __init__(self, out_dir: str | os.PathLike, tensors: list[OutTensor], shard_size: int, on_done=None,
+                 sources: dict[str, TensorInfo] | None = None):
         self.dir = Path(out_dir)
         self.on_done = on_done  # called with a tensor's name when all its bytes are in place
         self.shards = plan_shards(tensors, shard_size)
@@ -308,7 +315,6 @@ class ShardWriter:
         self.pending = set()
         self.written: dict[str, int] = {}
         self.lock = threading.Lock()
-        self.sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
         for k, shard in enumerate(self.shards):
             # Wider elements first, so every tensor starts at a multiple of its element size.
             shard.sort(key=lambda t: -DTYPE_SIZES[t.dtype])
@@ -320,10 +326,15 @@ class ShardWriter:
                 offset += t.nbytes
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)
+            blob += b" " * (_data_start(8 + len(blob), shard, sources or {}) - 8 - len(blob))
             fd = os.open(self.dir / self.names[k], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self.fds.append(fd)
             os.pwrite(fd, len(blob).to_bytes(8, "little") + blob, 0)
-            os.ftruncate(fd, 8 + len(blob) + offset)
+            # A shard of copies only is written front to back by one copier and grows as cp's
+            # output does; sizing it first measured 10-20% slower on ext4. Either way the
+            # file ends at its last tensor once every tensor is in (finish() checks that).
+            if not all(t.name in (sources or {}) for t in shard):
+                os.ftruncate(fd, 8 + len(blob) + offset)
             for t in shard:
                 t.offset += 8 + len(blob)
                 self.by_name[t.name] = t
@@ -333,8 +344,6 @@ class ShardWriter:
         self.pending.discard(name)
         if self.on_done is not None:
             self.on_done(name)
-        if self.sleep:
-            time.sleep(self.sleep)
 
     def write(self, name: str, tensor, start: int = 0) -> None:
         """Write `tensor` (in the planned dtype; the whole tensor or a part of it that begins
@@ -354,12 +363,31 @@ class ShardWriter:
 
     def copy(self, name: str, src: TensorInfo) -> None:
         """Copy a tensor's bytes straight from an input file."""
-        t = self.by_name[name]
-        if src.nbytes != t.nbytes or src.file is None:
-            raise RuntimeError(f"{name}: cannot copy {src.nbytes} bytes into {t.nbytes}")
-        with open(src.file, "rb") as fh:
-            copy_range(fh.fileno(), self.fds[t.shard], src.start, t.offset, t.nbytes)
-        self._done(name)
+        self.copy_many([(name, src)])
+
+    def copy_many(self, items: list[tuple[str, TensorInfo]], stop: threading.Event | None = None) -> None:
+        """Copy tensors' bytes straight from input files, in the order given; a run of them
+        that lies back to back in one input and in one shard is copied by one call. Returns
+        early, between calls, once `stop` is set."""
+        spans: list[list] = []  # [input file, shard, input offset, shard offset, bytes, names]
+        for name, src in items:
+            t = self.by_name[name]
+            if src.nbytes != t.nbytes or src.file is None:
+                raise RuntimeError(f"{name}: cannot copy {src.nbytes} bytes into {t.nbytes}")
+            last = spans[-1] if spans else None
+            if (last is not None and last[0] == src.file and last[1] == t.shard and last[4] + t.nbytes <= COPY_SPAN
+                    and last[2] + last[4] == src.start and last[3] + last[4] == t.offset):
+                last[4] += t.nbytes
+                last[5].append(name)
+            else:
+                spans.append([src.file, t.shard, src.start, t.offset, t.nbytes, [name]])
+        for file, shard, start, offset, nbytes, names in spans:
+            if stop is not None and stop.is_set():
+                return
+            with open(file, "rb") as fh:
+                copy_range(fh.fileno(), self.fds[shard], start, offset, nbytes)
+            for name in names:
+                self._done(name)
 
     def finish(self) -> list[str]:
         if self.pending:
@@ -377,6 +405,23 @@ class ShardWriter:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def _data_start(header_end: int, shard: list[OutTensor], sources: dict[str, TensorInfo]) -> int:
+    """Where a shard's data begins: at `header_end` (a multiple of 8) or after up to a page of
+    header padding, so that the most bytes to be copied keep their offset within a page (the
+    format allows spaces after the header's JSON). Tensor offsets are relative here."""
+    weight: dict[int, int] = {}
+    for t in shard:
+        src = sources.get(t.name)
+        if src is not None and src.file is not None:
+            r = (src.start - t.offset) % PAGE
+            if r % 8 == 0:  # the data must still start at a multiple of 8
+                weight[r] = weight.get(r, 0) + t.nbytes
+    if not weight:
+        return header_end
+    r = max(weight, key=weight.get)
+    return header_end + (r - header_end) % PAGE
 
 
 def _u8():

