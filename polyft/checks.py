@@ -22,7 +22,3 @@ def numbers(key: str, value: Any, ok: Callable[[float], bool] = lambda x: True, 
         raise ConfigError(f"{key}={value} is not allowed; use {allowed}, or a list of them "
                           "(anchors spread over layer depth)")
 
-
-def at_least(key: str, value: Any, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{key}={value} is not allowed; it must be an integer >= {least}")

@@ -87,15 +87,6 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
-    seen, todo = set(), [start]
-    while todo:
-        for w in graph[todo.pop()] - seen:
-            seen.add(w)
-            todo.append(w)
-    return seen
-
-
 def test_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
     assert "polyft.errors" in graph["polyft.runs"]  # top level

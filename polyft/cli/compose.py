@@ -161,9 +161,6 @@ def hydra_app(command: str, dirs: list[Path]):
     return _HYDRAS[key]
 
 
-multirun_app = hydra_app
-
-
 def compose(command: str, overrides: list[str], with_hydra: bool = False, dirs: list[Path] | None = None):
     """The config of one run point as Hydra composes it for running it (hydra.* overrides
     included); `with_hydra` keeps the hydra node (run dir, launcher, callbacks). From the

@@ -272,14 +272,14 @@ def run_cli(args: list[str]) -> int:
         preflight(command, configs)
     except PolyftError as exc:
         fail(str(exc))
-    from polyft.cli.compose import multirun_app, run_job
+    from polyft.cli.compose import hydra_app, run_job
 
     if not multirun:
         run_job(configs[0], run_command)  # the run's own console window (console.job) takes over
         return 0
     console.pause()  # the launcher's jobs open their own windows
-    multirun_app(command, dirs).multirun(config_name="config", task_function=run_command,
-                                         overrides=[f"command={command}", *overrides, "hydra.mode=MULTIRUN"])
+    hydra_app(command, dirs).multirun(config_name="config", task_function=run_command,
+                                      overrides=[f"command={command}", *overrides, "hydra.mode=MULTIRUN"])
     return sweep_status()
 
 

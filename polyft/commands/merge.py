@@ -112,7 +112,6 @@ def command(cfg, record) -> None:
 
 def merge_one(cfg, record) -> None:
     method = registry.get(cfg.merge.method)
-    _preflight_one(cfg)
     name = cfg.merge.name or cfg.merge.method
     inputs = merge_inputs(cfg) if method.product == "model" else None
     key = merge_key(cfg, inputs)

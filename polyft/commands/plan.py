@@ -224,10 +224,6 @@ def table(rows: list[tuple[str, Estimate]], gpus) -> str:
     return "\n".join(lines)
 
 
-def preflight(cfg) -> None:
-    """Nothing to read: a plan is arithmetic on the config."""
-
-
 def show(points: list[tuple[str, object]], multirun: bool) -> None:
     """The table for (label, config) of every point."""
     rows = []

@@ -29,6 +29,7 @@ def preflight(cfg) -> None:
 
 def command(cfg, record) -> None:
     train.command(cfg, record)
+    merge_command.preflight(cfg)  # the experts exist only now: the CLI could not read them
     merge_command.command(cfg, record)
     eval_command.command(cfg, record, show_rows=False)  # the report table follows
     record.save()
