@@ -5,7 +5,7 @@
 # Lane A trains the math experts, lane B the language experts (seeds 0-2); then A runs seed 0
 # and scores seed 2's base and experts while B merges seeds 1-2, scores seed 2's merges and
 # runs seed 1; last, the sweep over the seeds (all cached) prints polyft's tables, and
-# scripts/swap_powered_table.py the mean +- sd table, the precondition and the rule.
+# scripts/powered_table.py the mean +- sd table, the precondition and the rule.
 set -eu
 EXP=$1
 POLYFT=${POLYFT:-polyft}
@@ -33,4 +33,4 @@ lane score_b "$P merge +exp=$EXP seed=1" "$P merge +exp=$EXP seed=2" \
   "$P eval +exp=$EXP seed=2 'eval.models=[swap,soup]'" "$P run +exp=$EXP seed=1"; B=$!
 finish $A $B
 $P run +exp=$EXP -m seed=0,1,2 >"$LOG/tables.log" 2>&1 || { cat "$LOG/tables.log" >&2; exit 1; }
-$PYTHON scripts/swap_powered_table.py "$EXP"
+$PYTHON scripts/powered_table.py "$EXP"
