@@ -262,3 +262,24 @@ def test_every_spec_reads_and_names_its_experiment():
             refs = c["ref"] if isinstance(c["ref"], list) else [c["ref"]]
             assert {c["row"], *refs} <= labels, (path, c)
             assert c.get("task", spec["rule"].get("task")) in tasks, (path, c)
+
+
+def test_number_text_is_a_numbers_row_as_one_line_of_plain_text():
+    from polyft.data.synthetic import NUMBER_WORDS, generate
+
+    w = NUMBER_WORDS["sw"]
+    # every line a number-word instruction in Swahili followed by its right answer, written out here
+    right = ({f"Andika namba {n} kwa maneno. {w[n]}" for n in range(21)}
+             | {f"Namba gani inafuata {w[n]}? {w[n + 1]}" for n in range(20)}
+             | {f"Andika {w[n]} kwa tarakimu. {n}" for n in range(21)})
+    rows = generate("number_text", ["sw"], 60, 0)
+    assert all(r["prompt"] == "" and r["task"] == "lm" and r["response"] in right for r in rows)
+    assert len({r["response"] for r in rows}) > 20  # all three kinds, many numbers
+
+
+def test_toy_words_is_the_words_task_with_200_rows(tmp_path):
+    from polyft.eval.specs import FAMILIES
+
+    fam = {f.prefix: f for f in FAMILIES}
+    assert fam["toy_words"].test_rows == 200 and fam["toy_words"].generator == "instructions"
+    assert fam["toy_words"].template == fam["demo_words"].template
