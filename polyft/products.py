@@ -200,6 +200,8 @@ class Refs:
             node = OmegaConf.load(f)
         if not isinstance(node, (dict, DictConfig)):
             return None
+        if isinstance(node, DictConfig):  # interpolations (data.seed: ${seed}) resolve against the run's config
+            node = OmegaConf.to_container(node, resolve=True)
         dc = OmegaConf.merge(OmegaConf.structured(DataConfig), node)
         check_data(dc)
         return load_mixture(dc, is_offline(self.cfg.offline)), dc.max_length

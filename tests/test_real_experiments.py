@@ -127,3 +127,20 @@ def test_powered_script_has_lanes_for_every_table_of_make_tables_real():
         assert (REPO / "scripts" / "powered" / f"{name}.yaml").is_file(), name
         case = re.sub(r"_(de|sw)$", "_*", name)
         assert re.search(rf"^{re.escape(case)}\)", script, re.M), name
+
+
+def test_lorahub_shots_follow_the_seed_through_an_interpolated_data_config():
+    """transfer_powered's shots: merge.data is ${data}, whose seed is ${seed}; the LoraHub
+    search must read the seed's 16 shots, the same rows the few-shot arms train on."""
+    from polyft.cli.compose import compose
+    from polyft.config.experiment import expert_cfg
+    from polyft.data.mixture import load_mixture
+    from polyft.products import Refs
+
+    shots = {}
+    for seed in (1, 2):
+        cfg = compose("run", ["+exp=transfer_powered", f"seed={seed}"])
+        rows, max_length = Refs(cfg).data(cfg.merge.data)
+        assert rows == load_mixture(expert_cfg(cfg, "cont").data, True) and len(rows) == 16
+        shots[seed] = rows
+    assert shots[1] != shots[2]
