@@ -21,6 +21,7 @@ from polyft.adapters.flix import feature_values
 from polyft.config.experiment import expert_cfg, merge_cfg, merge_names, unproduced_refs
 from polyft.config.rules import check_data
 from polyft.config.schema import DataConfig, option_file
+from polyft.data.formatting import ENCODING
 from polyft.data.mixture import load_mixture
 from polyft.errors import ConfigError, MissingArtifactError, PolyftError
 from polyft.merge import io, registry
@@ -66,7 +67,7 @@ def train_key(cfg, model_path: str) -> dict:
            "data": OmegaConf.to_container(cfg.data, resolve=True),
            "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                      if k not in _LOG_ONLY},
-           "seed": cfg.seed, "merge_back": cfg.merge_back}
+           "seed": cfg.seed, "merge_back": cfg.merge_back, "encoding": ENCODING}
     key["adapter"] = adapter_key(cfg.adapter)
     return key
 

@@ -63,19 +63,41 @@ def use_chat_template(tokenizer, choice: str, source) -> None:
         raise no_template(source)
 
 
+# Bumped when `encode` changes what a row becomes: it is part of every product's key
+# (polyft.products.train_key), so a product trained on the old encoding is not reused.
+ENCODING = 2  # 2: the tokenizer's own leading special tokens (Gemma's <bos>) start each row
+
+
+def leading_special(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text by default (Gemma, Llama: <bos>; SmolLM2:
+    none). lm-eval adds them at scoring time, so training rows start with them too."""
+    probe = "x"
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for k in range(len(full) - len(bare) + 1):
+        if full[k: k + len(bare)] == bare:
+            return list(full[:k])
+    return []
+
+
 def encode(row: dict, tokenizer) -> dict:
+    lead = leading_special(tokenizer)
+
+    def with_lead(ids: list[int]) -> list[int]:  # once: a chat template may already write <bos>
+        return ids if ids[: len(lead)] == lead else lead + ids
+
     if not row["prompt"]:  # plain text (continued pretraining): every token carries loss
-        ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return {"input_ids": ids, "completion_mask": [1] * len(ids), "lang": row["lang"],
-                "task": row.get("task") or ""}
+        ids = with_lead(tokenizer(row["response"], add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "completion_mask": [0] * len(lead) + [1] * (len(ids) - len(lead)),
+                "lang": row["lang"], "task": row.get("task") or ""}
     user = [{"role": "user", "content": row["prompt"]}]
     prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["response"]}],
                                          tokenize=False)
     if not full.startswith(prompt):  # templates that rewrite earlier turns: mask by length only
         prompt = full[: len(prompt)]
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    p_ids = with_lead(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = with_lead(tokenizer(full, add_special_tokens=False)["input_ids"])
     if ids[: len(p_ids)] != p_ids:  # a merge across the boundary: encode the halves apart
         ids = p_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
     return {"input_ids": ids, "completion_mask": [0] * len(p_ids) + [1] * (len(ids) - len(p_ids)),
@@ -97,7 +119,8 @@ def tokenized_dataset(rows: list[dict], tokenizer, cache_root: str | os.PathLike
 
     if chat_template == "plain" or any(r["prompt"] for r in rows):
         use_chat_template(tokenizer, chat_template, source)
-    key = config_hash({"rows": config_hash(rows, 32), "tokenizer": tokenizer_fingerprint(tokenizer)})
+    key = config_hash({"rows": config_hash(rows, 32), "tokenizer": tokenizer_fingerprint(tokenizer),
+                       "encoding": ENCODING})
     target = Path(cache_root) / "cache" / "data" / key
     if not (target / "dataset_info.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
