@@ -25,7 +25,7 @@ def training_text(cfg) -> str:
     t = cfg.train
     steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
     return (f"model {cfg.model.name}, adapter {adapter_text(cfg.adapter)}, quant {cfg.quant.name}; "
-            f"data {cfg.data.name}, {steps}, lr {t.lr:g}, batch {t.batch_size}")
+            f"data {cfg.data.name}, train {t.name}: {steps}, lr {t.lr:g}, batch {t.batch_size}")
 
 
 def merge_text(cfg) -> str:
