@@ -89,6 +89,8 @@ def test_usage_lists_every_merge_method_and_hydra_help_works(tmp_path):
     for args in (["--hydra-help"], ["merge", "--hydra-help"], ["run", "+exp=demo", "--hydra-help"]):
         text = help_of(tmp_path, *args)
         assert "--multirun" in text and "--cfg job|hydra|all" in text
+    assert "Defaults List" in help_of(tmp_path, "train", "--info")  # a flag the Hydra flags name
+    assert "adapter/full" in help_of(tmp_path, "train", "--info", "defaults", "adapter=full")
     assert not (tmp_path / "outputs").exists()
 
 

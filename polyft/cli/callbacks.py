@@ -30,7 +30,7 @@ class SweepReport(Callback):
 
             for r in sorted(runs, key=lambda r: int(Path(r["run_dir"]).name) if Path(r["run_dir"]).name.isdigit() else 0):
                 if r.get("metrics", {}).get("results"):
-                    print(f"# {(r.get('sweep') or {}).get('point') or r['run_dir']}")
+                    print(f"# point {(r.get('sweep') or {}).get('point') or r['run_dir']}")
                     print(format_rows(r["metrics"]["results"]))
         tracked = [t for r in runs for t in r.get("tracking", [])]
         if any(t["tool"] == "wandb" and t.get("mode") == "offline" for t in tracked):

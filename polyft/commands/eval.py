@@ -256,7 +256,7 @@ def tracked_run(cfg, p: Plan, record) -> tracking.Tracked:
     sweep = record.extra.get("sweep")
     label = cfg.exp_name or (_slug(artifact_label(p.models[0], cfg.model.name)) if len(p.models) == 1
                              else f"{len(p.models)}-models")
-    name = f"eval-{_slug(cfg.eval.suite)}-{label}" + (f" {sweep['point'].split()[0]}" if sweep else "")
+    name = f"eval-{_slug(cfg.eval.suite)}-{label}" + (sweep["point"].split()[0] if sweep else "")
     config = {k: v for k, v in to_container(cfg).items() if k != "expert_root"}
     scored = {m.ref: {"path": m.path, "product": Path(m.path).name if m.ref != "base" else None, "kind": m.kind}
               for m in p.models}
