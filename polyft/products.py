@@ -57,6 +57,12 @@ def product_name(cfg) -> str:
     return f"{cfg.model.name}-{cfg.adapter.type}{quant}"
 
 
+def run_name(p: TrainPlan) -> str:
+    """What a trained product is called outside the store (its W&B run, its TensorBoard
+    directory): the name of its store directory, so a run and its product find each other."""
+    return p.store.path_for(p.kind, p.name, p.key).name
+
+
 def train_key(cfg, model_path: str) -> dict:
     """The part of the config that determines the trained weights (not logging, not paths)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)

@@ -14,26 +14,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from polyft import console
+from polyft import console, tracking
 from polyft.adapters import flix
 from polyft.data.formatting import tokenized_dataset
 from polyft.data.mixture import load_mixture
 from polyft.models.gguf import source_of
 from polyft.models.load import is_offline, load_base, load_tokenizer
 from polyft.runs import read_manifest
-
-
-def _report_to(cfg, run_dir: Path) -> list[str]:
-    if cfg.logger.name == "wandb":
-        os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
-        os.environ["WANDB_DIR"] = str(run_dir)
-        os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        return ["wandb"]
-    if cfg.logger.name == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-        return ["tensorboard"]
-    return []
 
 
 def _precision(cfg) -> tuple[bool, bool]:
@@ -45,7 +32,12 @@ def _precision(cfg) -> tuple[bool, bool]:
     return want == "bf16", want == "fp16"
 
 
-def sft_config(cfg, work_dir: Path, run_dir: Path, distributed: bool):
+def logging_steps(t) -> int:
+    """train.logging_steps, but never more than the steps there are: a short run logs too."""
+    return min(t.logging_steps, t.max_steps) if t.max_steps > 0 else t.logging_steps
+
+
+def sft_config(cfg, work_dir: Path, report_to: list[str], run_name: str, distributed: bool):
     import torch
     from trl import SFTConfig
 
@@ -62,14 +54,14 @@ def sft_config(cfg, work_dir: Path, run_dir: Path, distributed: bool):
         gradient_accumulation_steps=t.grad_accum, lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, optim=t.optimizer,
         max_grad_norm=t.max_grad_norm, save_steps=t.save_steps, save_strategy="steps",
-        logging_steps=t.logging_steps,
+        logging_steps=logging_steps(t), logging_first_step=True,
         activation_checkpointing=t.gradient_checkpointing, bf16=bf16, fp16=fp16,
-        seed=cfg.seed, data_seed=cfg.seed, report_to=_report_to(cfg, run_dir),
+        seed=cfg.seed, data_seed=cfg.seed, report_to=report_to,
         max_length=cfg.data.max_length, packing=cfg.data.packing, completion_only_loss=True,
         dataset_num_proc=None, use_cpu=not torch.cuda.is_available(),
         ddp_backend=None if torch.cuda.is_available() else ("gloo" if distributed else None),
         ddp_find_unused_parameters=False if distributed else None,
-        save_only_model=False, disable_tqdm=False, run_name=run_dir.name, **extra)
+        save_only_model=False, disable_tqdm=False, run_name=run_name, **extra)
 
 
 def lora_alpha(adapter) -> float:
@@ -121,7 +113,7 @@ def build_model(cfg, model_path: str, rows: list[dict] | None = None, init_dir: 
     return model, lora_config(cfg.adapter)
 
 
-def flix_trainer(model, args, dataset, tokenizer):
+def flix_trainer(model, args, dataset, tokenizer, callbacks: list):
     """SFTTrainer for a FLix model: the feature columns travel with each batch (the collator
     turns them into `flix_features`, which the model's pre-hook routes on)."""
     from trl import SFTTrainer
@@ -137,10 +129,23 @@ def flix_trainer(model, args, dataset, tokenizer):
         model._hf_peft_config_loaded = True
     try:
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          data_collator=collator, callbacks=[console.train_bar()])
+                          data_collator=collator, callbacks=callbacks)
     finally:
         if quantised:
             model._hf_peft_config_loaded = False
+
+
+def log_last_step():
+    """A TrainerCallback that logs the last step too (the trainer logs every logging_steps
+    only): the loss a run ends with is the last one logged, and run.json's final_loss."""
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LogLastStep()
 
 
 def train_langs(rows: list[dict], init_dir: str | None) -> list[str] | None:
@@ -182,35 +187,43 @@ def merge_back(product_dir: Path, model_path: str, cfg) -> Path:
     return out
 
 
-def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, init_dir: str | None = None) -> dict:
+def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, init_dir: str | None = None,
+          tracked: tracking.Tracked | None = None) -> dict:
     """Train (resuming from the last checkpoint in `work_dir`) and, on the main process, write
-    the product into `out_dir`. Returns a summary; its "manifest" entries describe the product."""
+    the product into `out_dir`. Returns a summary; its "manifest" entries describe the product.
+    `tracked`: the W&B / TensorBoard run of this training (logger=wandb|tensorboard)."""
     import torch
     from transformers import set_seed
     from trl import SFTTrainer
 
     set_seed(cfg.seed)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    main_process = int(os.environ.get("RANK", "0")) == 0
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
     rows = load_mixture(cfg.data, is_offline(cfg.offline))
     dataset, data_key = tokenized_dataset(rows, tokenizer, cfg.output_root, cfg.model.chat_template, model_path)
     model, peft_config = build_model(cfg, model_path, rows, init_dir)
-    args = sft_config(cfg, work_dir, run_dir, distributed)
-    if cfg.adapter.type == "flix":
-        trainer = flix_trainer(model, args, dataset, tokenizer)
-    else:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
-                             processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[console.train_bar()])
-    resume = last_checkpoint(work_dir)
-    result = trainer.train(resume_from_checkpoint=resume)
-    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    with tracking.training(cfg.logger, run_dir, tracked, main_process) as hooks:
+        args = sft_config(cfg, work_dir, hooks.report_to, tracked.name if tracked else run_dir.name, distributed)
+        callbacks = [console.train_bar(), log_last_step(), *hooks.callbacks]
+        if cfg.adapter.type == "flix":
+            trainer = flix_trainer(model, args, dataset, tokenizer, callbacks)
+        else:
+            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
+                                 processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        resume = last_checkpoint(work_dir)
+        result = trainer.train(resume_from_checkpoint=resume)
+        losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+        if losses:
+            hooks.summary.update(final_loss=losses[-1]["loss"], first_loss=losses[0]["loss"])
     trainable = sum(prm.numel() for prm in trainer.model.parameters() if prm.requires_grad)
     summary = {"resumed_from": resume, "history": losses, "data_key": data_key, "trainable_params": trainable,
                "examples": len(dataset), "world_size": trainer.args.world_size,
                "train_runtime_s": result.metrics.get("train_runtime"),
                "steps_per_second": result.metrics.get("train_steps_per_second"),
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if hooks.info:  # where the tracked run is (run.json, the console)
+        summary["tracking"] = hooks.info
     if not trainer.is_world_process_zero():
         return summary
     summary["train_langs"] = train_langs(rows, init_dir if cfg.adapter.type != "full" else None)

@@ -374,6 +374,9 @@ def _env_override(env):
                 os.environ[k] = v
 
 
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
 def hydra_info(command: str, overrides: list[str], flags: list[str], dirs: list[Path]) -> int:
     """--info and --shell-completion: Hydra's own, through hydra.main, with the user's
     directories on its search path."""
@@ -387,6 +390,9 @@ def hydra_info(command: str, overrides: list[str], flags: list[str], dirs: list[
     if dirs:
         overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.searchpath")]
         overrides.append(f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]")
+    for info in {"--info", "-i"} & set(flags):  # its optional value: the word after it, else all
+        topic = overrides.pop(0) if overrides and overrides[0] in INFO_TOPICS else "all"
+        flags.insert(flags.index(info) + 1, topic)
     sys.argv = [f"polyft-{command}", *flags, f"command={command}", *overrides]  # Hydra's parser: flags first
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(lambda cfg: None)()
     return 0

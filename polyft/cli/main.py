@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from polyft import console
+from polyft.cli.help import HYDRA_FLAGS, command_help, usage
 from polyft.commands import COMMANDS, module
-from polyft.config.schema import CONF_DIR, option_names
 from polyft.errors import PolyftError
 
 # Hydra flags that take no value / one value; they are not overrides.
@@ -26,47 +26,6 @@ _FLAGS0 = {"-m", "--multirun", "--resolve", "--hydra-help", "--info", "-i", "--s
 _FLAGS1 = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
            "--experimental-rerun", "--run"}
 PREFLIGHT_POINTS = 256
-# The config groups each command reads, for its --help.
-GROUPS = {
-    "train": ("model", "adapter", "quant", "data", "train", "logger", "exp"),
-    "merge": ("merge", "model", "exp"),
-    "eval": ("eval", "model", "quant", "exp"),
-    "run": ("model", "adapter", "quant", "data", "train", "logger", "merge", "eval", "exp"),
-    "report": ("exp",),
-    "plan": ("model", "adapter", "quant", "data", "train", "exp"),
-}
-HYDRA_FLAGS = """Hydra flags:
-  -m, --multirun              sweep: a=1,2 b=x,y runs every point (hydra/launcher=joblib|slurm|submitit_local)
-  --cfg job|hydra|all         print the composed config and exit (--resolve: interpolations resolved;
-                              -p KEY: one package of it)
-  --info                      Hydra's account of the search path and defaults, and exit
-  --config-dir DIR, -cd DIR   your own config groups (also ./conf, hydra.searchpath=[file://DIR])"""
-
-
-def usage() -> str:
-    width = max(len(n) for n in COMMANDS) + 2
-    lines = [f"  {c.name:<{width}} {c.help.format(merge_methods=', '.join(merge_methods()))}"
-             for c in COMMANDS.values()]
-    return ("usage: polyft COMMAND [+exp=NAME] [group=option ...] [key=value ...] [-m]\n\ncommands:\n"
-            + "\n".join(lines) + "\n\n`polyft COMMAND --help` lists the config groups and options of a command.")
-
-
-def merge_methods() -> list[str]:
-    from polyft.merge import registry
-
-    return registry.names()
-
-
-def command_help(command: str, dirs: list[Path]) -> str:
-    c = COMMANDS[command]
-    groups = "\n".join(f"  {g}: {', '.join(option_names(g, dirs))}" for g in GROUPS[command])
-    searched = ", ".join(str(d) for d in [CONF_DIR, *dirs])
-    return (f"usage: polyft {command} [+exp=NAME] [group=option ...] [key=value ...] [-m]\n\n"
-            f"{c.help.format(merge_methods=', '.join(merge_methods()))}\n\n"
-            + (f"{c.details}\n\n" if c.details else "")
-            + f"config groups (group=option; searched: {searched}):\n{groups}\n\n"
-            "Any key of the composed config can be set (key=value); `--cfg job` shows them.\n\n"
-            + HYDRA_FLAGS)
 
 
 def fail(message: str) -> None:
@@ -176,14 +135,20 @@ def preflight(command: str, configs: list) -> None:
 def run_command(cfg) -> None:
     """The task function (of polyft.cli.compose.run_job, or of Hydra's launchers): one run
     directory, one run.json, one command."""
+    from polyft import tracking
     from polyft.cli.compose import output_dir
     from polyft.config.rules import validate
     from polyft.config.schema import to_container
+    from polyft.config.summary import lines
     from polyft.runs import RunRecord
 
     run_dir = Path(output_dir())
     record = RunRecord(run_dir, cfg.command, to_container(cfg), seed=cfg.seed)
-    with console.job(run_dir, cfg, record, sweep_point()):
+    sweep = sweep_info()
+    if sweep:  # the commands group their tracked runs by it, and leave the tables to the sweep's end
+        record.extra["sweep"] = sweep
+    point = sweep["point"] if sweep else None
+    with console.job(run_dir, cfg, record, point, lines(cfg, point)):
         try:
             validate(cfg)  # again for each point a launcher composed; cheap and pure
             module(cfg.command).command(cfg, record)
@@ -194,10 +159,12 @@ def run_command(cfg) -> None:
             record.finish("failed", f"{type(exc).__name__}: {exc}")
             raise
         record.finish("ok")
+        for line in tracking.console_lines(record.extra.get("tracking", []), run_dir):
+            console.echo(line)
 
 
-def sweep_point() -> str | None:
-    """`#N overrides` of a sweep point (None outside a sweep)."""
+def sweep_info() -> dict | None:
+    """{"dir": the sweep's directory, "point": `#N overrides`} of a sweep point (None outside a sweep)."""
     if "hydra.core.hydra_config" not in sys.modules:
         return None  # Hydra not even imported: a single run by polyft's runner
     from hydra.core.hydra_config import HydraConfig
@@ -205,9 +172,9 @@ def sweep_point() -> str | None:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    job = HydraConfig.get().job
-    task = [o for o in HydraConfig.get().overrides.task if not o.startswith("command=")]
-    return f"#{job.num} {' '.join(task)}".strip()
+    h = HydraConfig.get()
+    task = [o for o in h.overrides.task if not o.startswith("command=")]
+    return {"dir": str(Path(h.sweep.dir).resolve()), "point": f"#{h.job.num} {' '.join(task)}".strip()}
 
 
 def print_config(cfg, flags: list[str]) -> None:
@@ -249,6 +216,9 @@ def run_cli(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if args[0] == "--hydra-help":
+        print(HYDRA_FLAGS)
+        return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; use one of: {', '.join(COMMANDS)}")
@@ -258,7 +228,7 @@ def run_cli(args: list[str]) -> int:
 
         overrides, dirs = command_line(flags, overrides)
         if {"--help", "-h"} & set(flags):
-            print(command_help(command, dirs))
+            print(command_help(command, overrides, dirs))
             return 0
         if "--hydra-help" in flags:
             print(HYDRA_FLAGS)

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from polyft import console
+from polyft import console, tracking
 from polyft.config.experiment import eval_models
+from polyft.config.schema import to_container
 from polyft.data.formatting import check_chat_template
 from polyft.errors import MissingArtifactError, PolyftError
 from polyft.eval import flix
@@ -219,6 +220,7 @@ def command(cfg, record, show_rows: bool = True) -> None:
                    "apply_chat_template": s.chat, "data_files": s.data_files} for s in p.specs]}
     backend = []  # nothing heavy is loaded when all results exist
     rows_by_ref: dict[str, list[dict]] = {}
+    computed = []
     for m in order_by_base(p.models):
         since = []
 
@@ -234,9 +236,29 @@ def command(cfg, record, show_rows: bool = True) -> None:
             console.echo(f"polyft: eval of {m.ref} on {cfg.eval.suite} already done: {got.path}")
         else:
             rows = got.result
+            computed.append(m.ref)
             console.done(since[0], f"eval of {m.ref} on {cfg.eval.suite} written to {got.path}")
         rows_by_ref[m.ref] = rows
     record.metrics["results"] = [r for ref in eval_refs(cfg) for r in rows_by_ref[ref]]
+    if computed:  # a tracked run for work done: a rerun that reuses every result adds none
+        info = tracking.log_eval(cfg.logger, record.run_dir, tracked_run(cfg, p, record), record.metrics["results"])
+        if info:
+            record.extra.setdefault("tracking", []).append(info)
     record.save()
-    if show_rows:
+    if show_rows and not record.extra.get("sweep"):  # a sweep's tables come once, at its end
         console.echo(format_rows(record.metrics["results"]))
+
+
+def tracked_run(cfg, p: Plan, record) -> tracking.Tracked:
+    """The tracked run of an evaluation, in the group of the runs of the models it scores (the
+    experiment's, or the sweep's); `scored` names each model's product, which is also the
+    name of its training's run."""
+    sweep = record.extra.get("sweep")
+    label = cfg.exp_name or (_slug(artifact_label(p.models[0], cfg.model.name)) if len(p.models) == 1
+                             else f"{len(p.models)}-models")
+    name = f"eval-{_slug(cfg.eval.suite)}-{label}" + (sweep["point"].split()[0] if sweep else "")
+    config = {k: v for k, v in to_container(cfg).items() if k != "expert_root"}
+    scored = {m.ref: {"path": m.path, "product": Path(m.path).name if m.ref != "base" else None, "kind": m.kind}
+              for m in p.models}
+    return tracking.Tracked(name, tracking.group_name(cfg.exp_name, cfg.command, sweep), "eval",
+                            {"polyft": config, "scored": scored, **({"sweep_point": sweep["point"]} if sweep else {})})

@@ -14,19 +14,20 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from polyft import console, training
-from polyft.config.schema import RootConfig
+from polyft import console, tracking, training
+from polyft.config.schema import RootConfig, to_container
 from polyft.data.formatting import check_chat_template
 from polyft.data.mixture import load_mixture
 from polyft.data.sources import load_source
 from polyft.errors import ConfigError, PolyftError
 from polyft.models.gguf import source_of
 from polyft.models.load import builds_tiny, check_model_dir, is_offline, safetensors_names
-from polyft.products import existing_product, expert_config, init_dir, train_plan
+from polyft.products import existing_product, expert_config, init_dir, run_name, train_plan
 from polyft.runs import config_hash
 
 # Module names of the tiny models (they are Llama/Mistral layouts), checked without torch.
@@ -115,14 +116,15 @@ def train_one(cfg, record) -> None:
         record.extra["model_source"] = source_of(p.model_path)
     work_dir = p.store.work_dir(p.kind, p.name, p.key)  # checkpoints survive a killed run
     since = []
+    tracked = tracked_run(cfg, p, record)
 
     def make(build):
         since.append(console.started(f"training {p.kind} {p.name}"))
         if cfg.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-            summary = relaunch(cfg, record.run_dir, work_dir, build.dir)
+            summary = relaunch(cfg, record.run_dir, work_dir, build.dir, tracked)
         else:
             summary = training.train(cfg, p.model_path, work_dir, build.dir, record.run_dir,
-                                     init_dir(cfg) if cfg.adapter.init_from else None)
+                                     init_dir(cfg) if cfg.adapter.init_from else None, tracked)
         build.manifest.update(summary.pop("manifest"))
         return summary
 
@@ -133,6 +135,8 @@ def train_one(cfg, record) -> None:
         return
     shutil.rmtree(work_dir, ignore_errors=True)
     summary = got.result
+    if summary.get("tracking"):
+        record.extra.setdefault("tracking", []).append(summary.pop("tracking"))
     history = summary.pop("history")
     if cfg.command == "train" and not cfg.experts:  # a single training: the run's own history
         record.history = history
@@ -145,12 +149,23 @@ def train_one(cfg, record) -> None:
     console.done(since[0], f"{p.kind} {p.name} written to {got.path}")
 
 
+def tracked_run(cfg, p, record) -> tracking.Tracked:
+    """The W&B / TensorBoard run of this training: named after the product, grouped by the
+    experiment or sweep, with polyft's composed config and the product's identity."""
+    sweep = record.extra.get("sweep")
+    config = {k: v for k, v in to_container(cfg).items() if k != "expert_root"}
+    product = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key), "run_name": run_name(p)}
+    return tracking.Tracked(run_name(p), tracking.group_name(cfg.exp_name, cfg.command, sweep), "train",
+                            {"polyft": config, "product": product, **({"sweep_point": sweep["point"]} if sweep else {})})
+
+
 # ---------------------------------------------------------------- several processes
 
-def relaunch(cfg, run_dir: Path, work_dir: Path, out_dir: Path) -> dict:
+def relaunch(cfg, run_dir: Path, work_dir: Path, out_dir: Path, tracked: tracking.Tracked | None = None) -> dict:
     """Run the training under torchrun with N processes; rank 0 writes the product and the summary."""
     conf_file, result = run_dir / "train_config.yaml", run_dir / "train_result.json"
     OmegaConf.save(cfg, conf_file, resolve=True)
+    (run_dir / "train_tracked.json").write_text(json.dumps(asdict(tracked) if tracked else None, default=str))
     init = init_dir(cfg) if cfg.adapter.init_from else ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={cfg.train.num_processes}", "-m", "polyft.commands.train",
@@ -163,8 +178,10 @@ def relaunch(cfg, run_dir: Path, work_dir: Path, out_dir: Path) -> dict:
 
 def _worker(conf_file: str, result_file: str, work_dir: str, out_dir: str, init: str) -> None:
     cfg = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(conf_file))
+    run_dir = Path(result_file).parent
+    tracked = json.loads((run_dir / "train_tracked.json").read_text())
     summary = training.train(cfg, train_plan(cfg).model_path, Path(work_dir), Path(out_dir),
-                             Path(result_file).parent, init or None)
+                             run_dir, init or None, tracking.Tracked(**tracked) if tracked else None)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(result_file).write_text(json.dumps(summary, default=str))
 

@@ -216,6 +216,8 @@ def _check_flix_data(cfg) -> None:
 def validate_groups(cfg: DictConfig) -> None:
     """Cross-field rules for the groups the command uses. Raises ConfigError (one line)."""
     choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
+    if cfg.logger.mode is not None:
+        choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
     choice("model.chat_template", cfg.model.chat_template, ("model", "plain"))
     if cfg.command == "plan" or cfg.plan.fit:
         _check_plan(cfg.plan)

@@ -136,7 +136,7 @@ class TrainConfig:
 class LoggerConfig:
     name: str = "wandb"  # wandb | tensorboard | none
     project: str = "polyft"
-    mode: str = "offline"
+    mode: Optional[str] = None  # wandb: offline | online | disabled; null: WANDB_MODE, else offline
 
 
 @dataclass
