@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, assert_user_error
 
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 STATE = Path(os.environ.get("POLYFT_SLURM_MULTI_STATE", "/var/tmp/polyft-slurm-multi"))
@@ -106,14 +106,13 @@ def test_one_training_over_two_nodes_equals_one_process(cli, tiny_llama_dir):
     assert trained > 1e-3 and diff <= 1e-5, (diff, trained)
 
 
-@pytest.mark.parametrize("args,words", [
-    (["train.num_processes=3"], ["train.num_processes=3", "2 nodes"]),
-    (["train.num_processes=2", "hydra.launcher.gpus_per_node=4"],
-     ["hydra.launcher.gpus_per_node=4", "1 processes per node"]),
+@pytest.mark.parametrize("command,args,words", [
+    ("train", ["train.num_processes=3"], ["train.num_processes=3", "2 nodes"]),
+    ("train", ["train.num_processes=2", "hydra.launcher.gpus_per_node=4"],
+     ["hydra.launcher.gpus_per_node=4", "1 process per node"]),
+    ("eval", [], ["hydra.launcher.nodes=2", "only train and run"]),
 ])
-def test_a_layout_that_does_not_spread_over_the_nodes_is_refused(cli, args, words):
-    from conftest import assert_user_error
-
-    proc = cli("train", "-m", "adapter.r=4", "hydra/launcher=slurm", "hydra.launcher.nodes=2", *args)
+def test_a_layout_that_does_not_spread_over_the_nodes_is_refused(cli, command, args, words):
+    proc = cli(command, "-m", "seed=1,2", "hydra/launcher=slurm", "hydra.launcher.nodes=2", *args)
     assert_user_error(proc, *words)
     assert not (cli.cwd / "outputs" / "multirun").exists()

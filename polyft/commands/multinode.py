@@ -20,6 +20,7 @@ import subprocess
 import sys
 import uuid
 
+from polyft import console
 from polyft.config.experiment import expert_cfg
 from polyft.errors import ConfigError, PolyftError
 
@@ -47,6 +48,9 @@ def check_nodes(cfg, launcher: dict, where: str) -> None:
     nodes = launcher.get("nodes") or 1
     if nodes <= 1:
         return
+    if cfg.command not in ("train", "run"):
+        raise ConfigError(f"{where}.nodes={nodes}: only train and run spread over several nodes; "
+                          f"polyft {cfg.command} runs on one (hydra.launcher.nodes=1)")
     configs = [(cfg, "train.num_processes")] + [
         (expert_cfg(cfg, name), f"experts.{name}.train.num_processes") for name in (cfg.get("experts") or {})]
     gpus = launcher.get("gpus_per_node") or 0
@@ -54,7 +58,7 @@ def check_nodes(cfg, launcher: dict, where: str) -> None:
         n = per_node(one.train.num_processes, nodes, key)
         if gpus and gpus != n:
             raise ConfigError(f"{where}.gpus_per_node={gpus} but {key}={one.train.num_processes} over "
-                              f"{nodes} nodes runs {n} processes per node; make them agree")
+                              f"{nodes} nodes runs {n} process{'es' if n != 1 else ''} per node; make them agree")
 
 
 def first_node() -> str:
@@ -75,6 +79,8 @@ def srun_command(nodes: int, nproc: int, worker: list[str]) -> list[str]:
     arguments every worker process runs (`-m polyft.commands.train ...`)."""
     job = os.environ["SLURM_JOB_ID"]
     endpoint = f"{first_node()}:{RDZV_PORT + int(job.split('_')[0]) % 1000}"
+    console.echo(f"polyft: one training over {nodes} nodes ({os.environ['SLURM_JOB_NODELIST']}) x {nproc} "
+                 f"process{'es' if nproc > 1 else ''}, rendezvous at {endpoint}")
     cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     cpus, tasks = os.environ.get("SLURM_CPUS_PER_TASK"), os.environ.get("SLURM_NTASKS_PER_NODE")
     if cpus and tasks and tasks.isdigit():  # the one agent per node gets all the CPUs asked per node
