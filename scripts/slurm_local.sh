@@ -217,6 +217,8 @@ running() {
     local p; p=$(pid_of "$1")
     [ -n "$p" ] && [ "$(cat /proc/"$p"/comm 2>/dev/null)" = "$1" ] && alive "$p"
 }
+# shellcheck disable=SC2046
+up() { alive $(recorded "$STATE" "$1") || running "$1"; }  # recorded, or found by its pid file
 
 # Starts a daemon in the foreground of a session of its own (so that $! is its pid), its
 # output in the log directory, and records it.
@@ -254,14 +256,14 @@ wait_idle() {  # NODE...
 start() {
     install
     write_conf
-    if ! running munged; then
+    if ! up munged; then
         mkdir -p /run/munge /var/log/munge /var/lib/munge
         chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
         munge_key
         launch "$STATE" munged setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged --foreground
     fi
-    running slurmctld || launch "$STATE" slurmctld slurmctld -D
-    running slurmd || launch "$STATE" slurmd slurmd -D
+    up slurmctld || launch "$STATE" slurmctld slurmctld -D
+    up slurmd || launch "$STATE" slurmd slurmd -D
     wait_idle "$HOST" || exit 1
     say "up: $(sinfo -h -o '%P %D %t %c CPUs %m MB' | head -1)"
 }
@@ -270,22 +272,26 @@ start() {
 stop_daemon() {  # NAME
     local rec pid start
     rec=$(recorded "$STATE" "$1")
-    if [ -n "$rec" ]; then
+    # shellcheck disable=SC2086
+    if [ -n "$rec" ] && alive $rec; then
         read -r pid start <<<"$rec"
-    else
-        running "$1" || return 0
-        pid=$(pid_of "$1") start=$(starttime "$pid")
+    elif running "$1"; then
+        pid=$(pid_of "$1") start=$(starttime "$(pid_of "$1")")
     fi
-    end_process "$1" "$pid" "$start" 10
     rm -f "$STATE/started/$1"
+    [ -n "${pid:-}" ] || return 0
+    local kids k
+    kids=$(tree "$pid" | tail -n +2)  # slurmctld's slurmscriptd
+    end_process "$1" "$pid" "$start" 10
+    for k in $kids; do
+        alive "$k" || continue
+        kill -9 "$k" 2>/dev/null || true
+        say "killed $(cat "/proc/$k/comm" 2>/dev/null || echo "a process") (pid $k), left by $1"
+    done
 }
 
 stop() {
-    local up=1 rec
-    rec=$(recorded "$STATE" slurmctld)
-    # shellcheck disable=SC2086
-    if { [ -n "$rec" ] && alive $rec; } || running slurmctld; then up=0; fi
-    cancel_jobs $up
+    cancel_jobs "$(up slurmctld && echo 0 || echo 1)"
     end_stepds "$STATE"
     stop_daemon slurmd
     stop_daemon slurmctld
@@ -296,7 +302,7 @@ stop() {
 status() {
     local d ok=0
     for d in munged slurmctld slurmd; do
-        if running "$d"; then echo "$d: running"; else echo "$d: stopped"; ok=1; fi
+        if up "$d"; then echo "$d: running"; else echo "$d: stopped"; ok=1; fi
     done
     [ $ok = 0 ] && sinfo
     return $ok
@@ -375,7 +381,7 @@ start_multinode() {
     [ "$(id -u)" = 0 ] || { say "the multi-node cluster needs root (network namespaces)"; exit 1; }
     install multinode
     if status_multinode >/dev/null 2>&1; then say "already up"; return; fi
-    stop_multinode 2>/dev/null || true
+    stop_multinode || true  # what a killed run may have left
     # a failed start (an error, `exit 1`) leaves nothing behind
     trap 'if [ $? != 0 ]; then say "start failed; cleaning up"; stop_multinode || true; fi' EXIT
     rm -rf "$MSTATE"
