@@ -30,6 +30,7 @@ CACHE_ROOT = Path(os.environ.get("POLYFT_TEST_CACHE", REPO / "outputs" / "test-c
 # loadgroup): the SLURM tests start, stop and restart one cluster; test_real_model's module
 # fixtures train SmolLM2 once for the module.
 GROUPS = {"test_slurm.py": "slurm", "test_real_model.py": "real_model"}
+GROUPS["test_slurm_multinode.py"] = "slurm"  # its cluster's daemons must not meet test_slurm's stop checks
 # The longest tests (from --durations under xdist) start first, so that no worker is
 # left with one of them at the end while the other has nothing to do.
 SLOW_FIRST = [
@@ -40,6 +41,7 @@ SLOW_FIRST = [
     "test_run.py::test_each_command_runs_its_own_stage",
     "test_real_model.py",
     "test_slurm.py",
+    "test_slurm_multinode.py",
     "test_train.py::test_default_train_is_lora_on_tiny_model",
     "test_eval_equivalence.py::test_custom_task_equals_lm_eval_on_smollm2",
     "test_flix_cli.py::test_flix_demo_end_to_end_compose_and_eval_equality",

@@ -83,6 +83,10 @@ def check_launcher(cfg) -> None:
     from polyft.cli.launchers import check_launcher as check_values
 
     check_values(launcher, resources=dict(cfg.resources))
+    if ours and "Slurm" in str(launcher.get("_target_")):
+        from polyft.commands.multinode import check_nodes
+
+        check_nodes(job_config(cfg), {**launcher, **cfg.resources}, "hydra.launcher")
     if cfg.plan.fit and ours:
         from polyft.commands.plan import fit_resources
 

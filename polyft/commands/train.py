@@ -4,7 +4,8 @@ Reads top to bottom: `preflight` refuses, before a directory is made, what the f
 cannot run (the model directory, target modules, an adapter to continue, the data and its
 chat template); `command` trains the configured model, or each expert of an experiment,
 into the artifact store (skipped when the product exists; an interrupted run resumes from
-its last checkpoint). Several processes: the command re-launches itself under torchrun.
+its last checkpoint). Several processes: the command re-launches itself under torchrun;
+in a SLURM job over several nodes, under srun + torchrun on every node (commands.multinode).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from polyft import console, tracking, training
+from polyft.commands import multinode
 from polyft.config.schema import RootConfig, to_container
 from polyft.data.formatting import check_chat_template
 from polyft.data.mixture import load_mixture
@@ -120,8 +122,9 @@ def train_one(cfg, record) -> None:
 
     def make(build):
         since.append(console.started(f"training {p.kind} {p.name}"))
-        if cfg.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-            summary = relaunch(cfg, record.run_dir, work_dir, build.dir, tracked)
+        nodes = multinode.job_nodes()
+        if (cfg.train.num_processes > 1 or nodes > 1) and "LOCAL_RANK" not in os.environ:
+            summary = relaunch(cfg, record.run_dir, work_dir, build.dir, tracked, nodes)
         else:
             summary = training.train(cfg, p.model_path, work_dir, build.dir, record.run_dir,
                                      init_dir(cfg) if cfg.adapter.init_from else None, tracked)
@@ -161,15 +164,20 @@ def tracked_run(cfg, p, record) -> tracking.Tracked:
 
 # ---------------------------------------------------------------- several processes
 
-def relaunch(cfg, run_dir: Path, work_dir: Path, out_dir: Path, tracked: tracking.Tracked | None = None) -> dict:
-    """Run the training under torchrun with N processes; rank 0 writes the product and the summary."""
+def relaunch(cfg, run_dir: Path, work_dir: Path, out_dir: Path, tracked: tracking.Tracked | None = None,
+             nodes: int = 1) -> dict:
+    """Run the training under torchrun with N processes (over `nodes` SLURM nodes: srun starts
+    a torchrun on each); rank 0 writes the product and the summary."""
     conf_file, result = run_dir / "train_config.yaml", run_dir / "train_result.json"
     OmegaConf.save(cfg, conf_file, resolve=True)
     (run_dir / "train_tracked.json").write_text(json.dumps(asdict(tracked) if tracked else None, default=str))
     init = init_dir(cfg) if cfg.adapter.init_from else ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={cfg.train.num_processes}", "-m", "polyft.commands.train",
-           str(conf_file), str(result), str(work_dir), str(out_dir), init]
+    worker = ["-m", "polyft.commands.train", str(conf_file), str(result), str(work_dir), str(out_dir), init]
+    if nodes > 1:
+        cmd = multinode.srun_command(nodes, multinode.per_node(cfg.train.num_processes, nodes), worker)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={cfg.train.num_processes}", *worker]
     proc = subprocess.run(cmd, env={**os.environ, "POLYFT_WORKER": "1"})
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"distributed training failed (exit {proc.returncode}); see the log in {run_dir}")
@@ -183,6 +191,7 @@ def _worker(conf_file: str, result_file: str, work_dir: str, out_dir: str, init:
     summary = training.train(cfg, train_plan(cfg).model_path, Path(work_dir), Path(out_dir),
                              run_dir, init or None, tracking.Tracked(**tracked) if tracked else None)
     if int(os.environ.get("RANK", "0")) == 0:
+        summary["nodes"] = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun agents that met
         Path(result_file).write_text(json.dumps(summary, default=str))
 
 
