@@ -33,9 +33,9 @@ def command(cfg, record) -> None:
     merge_command.command(cfg, record)
     eval_command.command(cfg, record, show_rows=False)  # the report table follows
     record.save()
-    rows = report.collect([{**record.as_dict(), "run_dir": str(record.run_dir)}])
-    out = Path(record.run_dir) / "report"
-    summary = report.write_report(rows, out, cfg.report.metric, cfg.merge.name or cfg.merge.method,
-                                  report.groups_of(cfg))
-    console.echo(summary["markdown"])
-    record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}
+    this_run = report.Scope([{**record.as_dict(), "run_dir": str(record.run_dir)}])
+    summary = report.report_runs(this_run, Path(record.run_dir) / "report", cfg)
+    if summary:
+        console.echo(summary["markdown"])
+        console.echo(report.where(summary))
+        record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}
