@@ -78,7 +78,8 @@ def compare_cell(t: Table, variant: str, reference: str, langs: list[str],
 
 
 def _num(v: float, scale: float) -> str:
-    return f"{v:+.1f}" if scale == 100 else f"{v:+.2f}"
+    text = f"{v:+.1f}" if scale == 100 else f"{v:+.2f}"
+    return "+" + text[1:] if text.startswith("-") and not text.strip("-0.") else text  # no "-0.0"
 
 
 def show(p: Paired, scale: float) -> str:

@@ -142,11 +142,13 @@ def draw_lines(d: dict):
         sd = [p["sd"] or 0.0 for p in points]
         # a marker of its own per language: languages with equal scores still show apart
         ax.errorbar(pos, [p["value"] for p in points], yerr=sd if any(sd) else None, marker=_MARKERS[n % len(_MARKERS)],
-                    markersize=7 - n % 3, capsize=3, label=lang)
+                    markersize=9 - 1.5 * (n % 4), capsize=3, label=lang)  # later ones smaller, on top
     if d["numeric"] and all(float(x) > 0 for x in xs_all):
         ax.set_xscale("log", base=2)
     ax.set_xticks([float(x) for x in xs_all] if d["numeric"] else range(len(xs_all)), xs_all)
     ax.minorticks_off()
+    if not d["numeric"]:
+        ax.set_xlim(-0.5, len(xs_all) - 0.5)
     ax.set_xlabel(d["xlabel"])
     ax.set_ylabel(_label(d))
     ax.set_title(_title(d["title"]), fontsize="medium")

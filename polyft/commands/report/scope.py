@@ -9,6 +9,7 @@ limit for a task differs from the newest run's are left out, and the report says
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +35,20 @@ class Scope:
 def overrides(record: dict) -> dict[str, str]:
     """The key=value overrides the run was started with (Hydra's saved list), less those
     that are no axis."""
-    f = Path(record["run_dir"]) / ".hydra" / "overrides.yaml"
+    return dict(_overrides(str(Path(record["run_dir"]) / ".hydra" / "overrides.yaml")))
+
+
+@functools.lru_cache(maxsize=4096)
+def _overrides(path: str) -> tuple:
+    f = Path(path)
     if not f.exists():
-        return {}
+        return ()
     out = {}
     for o in yaml.safe_load(f.read_text()) or []:
         k, _, v = str(o).lstrip("+~").partition("=")
         if not k.startswith("hydra") and k.split(".")[0] not in _NOT_AXES and k not in _NOT_AXIS_KEYS:
             out[k] = v
-    return out
+    return tuple(out.items())
 
 
 def value_at(record: dict, key: str, given: str | None = None):
