@@ -18,6 +18,7 @@ import pytest
 from conftest import assert_user_error
 from polyft.commands.report import build_tables, task_family, to_latex, to_markdown
 from polyft.commands.report.stats import mcnemar_exact, paired_bootstrap, summarise
+from polyft.errors import PolyftError
 
 LANGS = ("en", "sw")
 N = 40  # items per task
@@ -317,6 +318,27 @@ def test_compare_refuses_an_unknown_row_or_one_without_items(cli):
     assert_user_error(proc, "report.compare")
     assert not (cli.cwd / "outputs").exists() or not any((cli.cwd / "outputs").rglob("run.json"))
     assert not (cli.cwd / "outputs" / "reports").exists()
+
+
+def test_a_run_s_own_report_leaves_out_a_comparison_it_cannot_make(tmp_path):
+    """`polyft run -m ... report.compare='swap (bottom=1, top=0)'`: each point's report has no
+    such row (the sweep's has), so it is written without the comparison, not failed."""
+    from omegaconf import OmegaConf
+
+    from polyft.commands.report import Scope, report_runs, select
+    from polyft.runs import load_runs
+
+    runs = Runs(tmp_path)
+    swap_sweep(runs, name="swap")
+    cfg = OmegaConf.create({"report": {"metric": None, "groups": {}, "stderr": False,
+                                       "compare": "swap (bottom=1, top=0)"}})
+    point = [r for r in load_runs(tmp_path / "sw") if r["run_dir"].endswith("/0")]
+    assert report_runs(Scope(point), tmp_path / "point", cfg, lenient=True)["tables"] == 2
+    assert not (tmp_path / "point" / "compare.csv").exists() and (tmp_path / "point" / "table.md").is_file()
+    with pytest.raises(PolyftError, match="no such row"):
+        report_runs(Scope(point), tmp_path / "strict", cfg)
+    whole = report_runs(select(load_runs(tmp_path / "sw")), tmp_path / "sweep", cfg, lenient=True)
+    assert (tmp_path / "sweep" / "compare.csv").is_file() and "each row − swap (bottom=1, top=0)" in whole["markdown"]
 
 
 def test_mcnemar_and_bootstrap_against_their_formulas():

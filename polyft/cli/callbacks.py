@@ -18,7 +18,7 @@ class SweepReport(Callback):
         if config.get("command") != "run":
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        summary = report_runs(select(load_runs(sweep_dir)), sweep_dir / "report", config)
+        summary = report_runs(select(load_runs(sweep_dir)), sweep_dir / "report", config, lenient=True)
         if summary:
             print(summary["markdown"])
             print(where(summary).replace("polyft: report", "polyft: sweep report", 1))

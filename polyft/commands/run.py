@@ -34,7 +34,7 @@ def command(cfg, record) -> None:
     eval_command.command(cfg, record, show_rows=False)  # the report table follows
     record.save()
     this_run = report.Scope([{**record.as_dict(), "run_dir": str(record.run_dir)}])
-    summary = report.report_runs(this_run, Path(record.run_dir) / "report", cfg)
+    summary = report.report_runs(this_run, Path(record.run_dir) / "report", cfg, lenient=True)
     if summary:
         console.echo(summary["markdown"])
         console.echo(report.where(summary))

@@ -105,16 +105,24 @@ def where(summary: dict) -> str:
     return f"polyft: report written to {_shown(summary['dir'])}: {', '.join(names)}"
 
 
-def report_runs(scope: Scope, out_dir: Path, cfg) -> dict | None:
+def report_runs(scope: Scope, out_dir: Path, cfg, lenient: bool = False) -> dict | None:
     """The report over the scope's records into out_dir (None when they hold no results);
-    the scope's notes and the report's own are printed."""
+    the scope's notes and the report's own are printed. lenient (the reports `polyft run`
+    writes after its work): a report.compare this report cannot make is a note, not an error
+    (a sweep point has no row `swap (bottom=1)`; the sweep's report has)."""
     rows, notes = collect(scope.records)
     for line in scope.notes + notes:
         console.echo(line)
     if not rows:
         return None
-    return write_report(rows, out_dir, cfg.report.metric, groups_of(cfg), bool(cfg.report.get("stderr")),
-                        cfg.report.get("compare"))
+    args = (rows, out_dir, cfg.report.metric, groups_of(cfg), bool(cfg.report.get("stderr")))
+    try:
+        return write_report(*args, cfg.report.get("compare"))
+    except PolyftError as exc:
+        if not lenient or not cfg.report.get("compare"):
+            raise
+        console.echo(f"polyft: report: no comparison here: {exc}")
+        return write_report(*args)
 
 
 def _rows_or_fail(cfg) -> tuple[Scope, list[dict]]:
