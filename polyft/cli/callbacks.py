@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from polyft.commands.report import collect, groups_of, write_report
+from polyft.commands.report import report_runs, select, where
 from polyft.runs import load_runs
 
 
@@ -19,12 +19,10 @@ class SweepReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = [r for r in load_runs(sweep_dir) if r.get("status") == "ok"]
         if config.get("command") == "run":
-            rows = collect(runs)
-            if rows:
-                summary = write_report(rows, sweep_dir / "report", config.report.metric,
-                                       config.merge.name or config.merge.method, groups_of(config))
+            summary = report_runs(select(load_runs(sweep_dir)), sweep_dir / "report", config, lenient=True)
+            if summary:
                 print(summary["markdown"])
-                print(f"polyft: sweep report in {summary['dir']}")
+                print(where(summary).replace("polyft: report", "polyft: sweep report", 1))
         elif config.get("command") == "eval":
             from polyft.eval.harness import format_rows
 

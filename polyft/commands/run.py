@@ -33,12 +33,12 @@ def command(cfg, record) -> None:
     merge_command.command(cfg, record)
     eval_command.command(cfg, record, show_rows=False)  # the report table follows
     record.save()
-    rows = report.collect([{**record.as_dict(), "run_dir": str(record.run_dir)}])
-    out = Path(record.run_dir) / "report"
-    summary = report.write_report(rows, out, cfg.report.metric, cfg.merge.name or cfg.merge.method,
-                                  report.groups_of(cfg))
-    if record.extra.get("sweep"):  # the sweep's report comes once, at its end (polyft.cli.callbacks)
-        console.echo(f"polyft: report of this point in {out}")
-    else:
-        console.echo(summary["markdown"])
-    record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}
+    this_run = report.Scope([{**record.as_dict(), "run_dir": str(record.run_dir)}])
+    summary = report.report_runs(this_run, Path(record.run_dir) / "report", cfg, lenient=True)
+    if summary:
+        if record.extra.get("sweep"):  # the sweep's report comes once, at its end (polyft.cli.callbacks)
+            console.echo(f"polyft: report of this point in {summary['dir']}")
+        else:
+            console.echo(summary["markdown"])
+            console.echo(report.where(summary))
+        record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}

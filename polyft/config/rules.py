@@ -231,5 +231,7 @@ def validate_groups(cfg: DictConfig) -> None:
         _check_merge(cfg.merge)
     if cfg.command in ("eval", "run"):
         _check_eval(cfg.eval)
+    if cfg.command in ("report", "run") and cfg.report.compare is not None and not str(cfg.report.compare).strip():
+        raise ConfigError("report.compare is empty; name a table row (e.g. report.compare=base), or leave it unset")
 
 

@@ -196,7 +196,7 @@ class EvalConfig:
     batch_size: Any = 8
     limit: Optional[int] = None
     num_fewshot: Optional[int] = None
-    log_samples: bool = False
+    log_samples: bool = True  # per-item scores (samples/): `polyft report report.compare=ROW` pairs them
     device: Optional[str] = None
     gen_kwargs: Dict[str, Any] = field(default_factory=dict)
     langs: Optional[List[str]] = None  # keep only the suite's tasks in these languages
@@ -211,6 +211,8 @@ class ReportConfig:
     metric: Optional[str] = None  # default: each task's first metric
     out: Optional[str] = None  # default: <output_root>/reports/<exp_name>
     groups: Dict[str, List[str]] = field(default_factory=dict)  # e.g. {seen: [tasks], held_out: [tasks]}: a table by group
+    stderr: bool = False  # true: lm-eval's standard error in each table cell (always in results.csv)
+    compare: Optional[str] = None  # a table row: every other row against it on the same items (eval.log_samples)
 
 
 @dataclass
