@@ -20,11 +20,12 @@ from omegaconf import OmegaConf
 
 from polyft import console, training
 from polyft.config.schema import RootConfig
-from polyft.data.formatting import check_chat_template
+from polyft.data.formatting import check_chat_template, is_chat
 from polyft.data.mixture import load_mixture
 from polyft.data.sources import load_source
 from polyft.errors import ConfigError, PolyftError
 from polyft.models.gguf import source_of
+from polyft.models.card import card, command_line, overrides_of, write_card
 from polyft.models.load import builds_tiny, check_model_dir, is_offline, safetensors_names
 from polyft.products import existing_product, expert_config, init_dir, train_plan
 from polyft.runs import config_hash
@@ -67,7 +68,7 @@ def _preflight_one(cfg) -> None:
         raise PolyftError(f"output_dir={p.target} exists and holds something else; remove it or "
                           "choose another path")
     rows = load_mixture(cfg.data, is_offline(cfg.offline))
-    if any(r["prompt"] for r in rows):  # prompt/response rows are rendered as chat turns
+    if any(is_chat(r) for r in rows):  # prompt/response rows and chats are rendered as chat turns
         check_chat_template(p.model_path, cfg.model.chat_template)
     if a.type == "flix":
         _check_flix_sources(cfg)
@@ -124,12 +125,15 @@ def train_one(cfg, record) -> None:
             summary = training.train(cfg, p.model_path, work_dir, build.dir, record.run_dir,
                                      init_dir(cfg) if cfg.adapter.init_from else None)
         build.manifest.update(summary.pop("manifest"))
+        write_card(build.dir, model_card(cfg, p.name, build, record.run_dir))
         return summary
 
     got = p.store.obtain(p.kind, p.name, p.key, make, p.target)
     if got.reused:
-        record.add_artifact(p.kind, got.path, reused=True, name=p.name)
-        console.echo(f"polyft: {p.kind} {p.name} already trained: {got.path}")
+        copied = {"copied_from": str(got.copied_from.resolve())} if got.copied_from else {}
+        record.add_artifact(p.kind, got.path, reused=True, name=p.name, **copied)
+        console.echo(f"polyft: {p.kind} {p.name} already trained: " + (
+            f"copied {got.copied_from} to {got.path}" if got.copied_from else str(got.path)))
         return
     shutil.rmtree(work_dir, ignore_errors=True)
     summary = got.result
@@ -138,11 +142,26 @@ def train_one(cfg, record) -> None:
         record.history = history
         record.metrics.update(final_loss=history[-1]["loss"] if history else None,
                               first_loss=history[0]["loss"] if history else None)
+        if summary.get("eval_history"):  # the validation set's loss after the last step
+            record.metrics["eval_loss"] = summary["eval_history"][-1]["eval_loss"]
         record.extra["train"] = {**summary, "artifact": str(got.path)}
     else:  # one of an experiment's experts
         record.extra.setdefault("trained", {})[p.name] = {**summary, "artifact": str(got.path), "history": history}
     record.add_artifact(p.kind, got.path, reused=False, name=p.name)
     console.done(since[0], f"{p.kind} {p.name} written to {got.path}")
+
+
+def model_card(cfg, name: str, build, run_dir) -> str:
+    """The product's README.md: the run's command line and, for an experiment's expert, the
+    command that trains that expert alone."""
+    overrides = overrides_of(run_dir)
+    made_by = command_line(cfg.command, overrides) if overrides is not None else None
+    alone = None
+    if overrides is not None and cfg.get("expert"):
+        alone = command_line("train", [o for o in overrides if not o.startswith("expert=")] + [f"expert={cfg.expert}"])
+    conf = next((build.dir / f for f in ("adapter_config.json", "flix_config.json") if (build.dir / f).is_file()), None)
+    base_ref = json.loads(conf.read_text()).get("base_model_name_or_path") if conf else None
+    return card(name, build.manifest, made_by, alone, run_dir, base_ref)
 
 
 # ---------------------------------------------------------------- several processes
