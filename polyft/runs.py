@@ -133,20 +133,22 @@ def resolve_base(adapter_dir: str | os.PathLike, ref: str | None) -> str | None:
     return str(here.resolve()) if here.exists() else ref
 
 
-def rebase(copy_dir: Path, source: Path, final: Path, root: str | os.PathLike) -> None:
-    """The base references of `copy_dir` (a copy of `source`, to be renamed to `final`) made
-    right for its new place: relative again under `root`, else absolute."""
+def rebase(product_dir: Path, source: Path, final: Path, root: str | os.PathLike) -> None:
+    """The base references of `product_dir` (written for `source`'s place; renamed to `final`
+    next) made right for `final`: relative under `root`, else absolute."""
     for name in BASE_REF_FILES:
-        f = copy_dir / name
+        f = product_dir / name
         if not f.is_file():
             continue
         conf = json.loads(f.read_text())
         ref = conf.get("base_model_name_or_path")
         base = resolve_base(source, ref)
-        if not ref or base == ref:
-            continue
-        conf["base_model_name_or_path"] = base_reference(final, base, root)
-        f.write_text(json.dumps(conf, indent=2, sort_keys=name == "flix_config.json"))
+        if not base or not Path(base).exists():
+            continue  # a hub id, or a base that is gone: left as written
+        new = base_reference(final, base, root)
+        if new != ref:
+            conf["base_model_name_or_path"] = new
+            f.write_text(json.dumps(conf, indent=2, sort_keys=name == "flix_config.json"))
 
 
 @dataclass

@@ -63,6 +63,19 @@ def test_model_hf_needs_a_path_and_a_hub_id_offline_is_one_line(cli):
                    words=["model.path=Qwen/Qwen2.5-0.5B", "offline"])
 
 
+def test_a_hub_id_under_the_tiny_preset_points_to_model_hf(cli):
+    assert_refused(cli, "train", "model.path=Qwen/Qwen2.5-0.5B", "offline=false",
+                   words=["model=hf model.path=Qwen/Qwen2.5-0.5B"])
+
+
+def test_layer_swap_depth_of_a_model_hf_comes_from_its_config_json(cli, tiny_llama_dir):
+    """No preset says how deep the directory's model is: its config.json does, before any
+    expert trains."""
+    mine = hf_model_dir(cli.cwd / "l3", tiny_llama_dir, layers=3)
+    assert_refused(cli, "run", "+exp=demo", "model=hf", f"model.path={mine}", "merge.bottom=2", "merge.top=2",
+                   words=["= 4 layers", "l3 has 3"])
+
+
 def test_model_hf_reads_its_architecture_from_config_json(cli, tiny_llama_dir):
     """plan counts the LoRA of the directory's own shapes (3 layers, hidden 48, 2 of 4 heads
     for k/v), which no preset holds."""
@@ -89,9 +102,11 @@ def test_model_hf_trains_names_lists_copies_and_loads_from_anywhere(cli, tiny_ll
     assert re.fullmatch(r"my-llama-lora-r8-demo-[0-9a-f]{12}", product.name), product.name
     assert product.parent == cli.cwd / "outputs" / "artifacts" / "adapter"
 
-    # a validation split: 5% of each demo source (2 x 800 rows) held out, evaluated every step
+    # a validation split: 5% of each demo source's distinct rows held out (their count is
+    # checked in test_chat_data.py), evaluated every step
     train = record["train"]
-    assert train["validation_examples"] == 2 * round(800 * 0.05)
+    assert 0 < train["validation_examples"] < 0.1 * 2 * 800
+    assert train["examples"] + train["validation_examples"] == 2 * 800
     assert [e["step"] for e in train["eval_history"]] == [1, 2]
     assert record["metrics"]["eval_loss"] == train["eval_history"][-1]["eval_loss"] > 0
 

@@ -82,7 +82,8 @@ def resolve_model_path(model_cfg, output_root: str, offline: bool | None = None,
         return str(Path(ref).resolve())
     if model_cfg.tiny is not None:  # a tiny preset: model.path replaces it, and must be local
         raise PolyftError(f"model.path={ref}: no such directory or .gguf file (model={model_cfg.name} "
-                          "builds a tiny model unless model.path names a local model)")
+                          "builds a tiny model unless model.path names a local model; any other model, "
+                          f"a hub id too: model=hf model.path={ref})")
     if looks_like_hub_id(ref):
         if is_offline(offline) and hub_cached(ref, model_cfg.revision) is None:
             raise PolyftError(
