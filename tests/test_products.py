@@ -195,3 +195,20 @@ def test_relative_base_reference_only_inside_the_output_tree(tmp_path):
 def test_model_hf_is_named_after_its_path(cli, path, name):
     cfg = train_config(cli.cwd, "model=hf", f"model.path={path}")
     assert cfg.model.name == name
+
+
+def test_card_command_line_is_the_one_the_user_typed(tmp_path):
+    """A source given whole on the command line is three overrides in the run's record
+    (polyft.cli.compose.source_overrides); the card shows it as it was typed, without the
+    keys polyft adds (command, config_dirs)."""
+    from polyft.cli.compose import source_overrides, with_dirs
+    from polyft.models.card import command_line, overrides_of
+
+    typed = ["data.sources.chat={type: jsonl, path: /x/c.jsonl}", "+exp=demo", "expert=math", "adapter.r=4"]
+    (tmp_path / ".hydra").mkdir()
+    recorded = ["command=train", *source_overrides(with_dirs(typed, [tmp_path]))]
+    assert len(recorded) == 1 + 3 + 3 + 1  # what Hydra saves: the expansion and config_dirs
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("".join(f"- {json.dumps(o)}\n" for o in recorded))
+    assert overrides_of(tmp_path) == typed
+    assert command_line("train", typed) == ("polyft train 'data.sources.chat={type: jsonl, path: /x/c.jsonl}' "
+                                            "+exp=demo expert=math adapter.r=4")
