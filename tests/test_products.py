@@ -61,6 +61,9 @@ def test_model_hf_needs_a_path_and_a_hub_id_offline_is_one_line(cli):
     assert_refused(cli, "train", "model=hf", words=["model=hf", "model.path"])
     assert_refused(cli, "train", "model=hf", "model.path=Qwen/Qwen2.5-0.5B", "offline=true",
                    words=["model.path=Qwen/Qwen2.5-0.5B", "offline"])
+    # online (here the tests' HF_HUB_OFFLINE=1 answers for the hub): refused before anything is written
+    assert_refused(cli, "train", "model=hf", "model.path=no-such-org/no-such-model", "offline=false",
+                   words=["model.path=no-such-org/no-such-model", "config.json cannot be read"])
 
 
 def test_a_hub_id_under_the_tiny_preset_points_to_model_hf(cli):

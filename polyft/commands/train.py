@@ -26,7 +26,8 @@ from polyft.data.sources import load_source
 from polyft.errors import ConfigError, PolyftError
 from polyft.models.gguf import source_of
 from polyft.models.card import card, command_line, overrides_of, write_card
-from polyft.models.load import builds_tiny, check_model_dir, is_offline, safetensors_names
+from polyft.models.load import (builds_tiny, check_model_dir, is_offline, looks_like_hub_id, model_config_json,
+                                safetensors_names)
 from polyft.products import existing_product, expert_config, init_dir, train_plan
 from polyft.runs import config_hash
 
@@ -59,6 +60,10 @@ def _preflight_one(cfg) -> None:
     p = train_plan(cfg, build_model=False)
     if not builds_tiny(cfg.model):
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
+        if looks_like_hub_id(p.model_path) and model_config_json(cfg.model, cfg.output_root, cfg.offline) is None:
+            raise PolyftError(f"model.path={p.model_path}: its config.json cannot be read from the hub (no "
+                              "connection, a gated model without a token, or no such repo); check the id, "
+                              "or download it and set model.path=/local/dir")
     _check_targets(cfg, p.model_path)
     init_file = "flix_config.json" if a.type == "flix" else "adapter_config.json"
     if a.init_from and a.init_from not in cfg.experts and not (Path(a.init_from) / init_file).is_file():
