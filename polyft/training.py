@@ -17,10 +17,10 @@ from omegaconf import OmegaConf
 from polyft import console, tracking
 from polyft.adapters import flix
 from polyft.data.formatting import tokenized_dataset
-from polyft.data.mixture import load_mixture
+from polyft.data.mixture import load_splits
 from polyft.models.gguf import source_of
 from polyft.models.load import is_offline, load_base, load_tokenizer
-from polyft.runs import read_manifest
+from polyft.runs import base_reference, read_manifest
 
 
 def _precision(cfg) -> tuple[bool, bool]:
@@ -37,7 +37,8 @@ def logging_steps(t) -> int:
     return min(t.logging_steps, t.max_steps) if t.max_steps > 0 else t.logging_steps
 
 
-def sft_config(cfg, work_dir: Path, report_to: list[str], run_name: str, distributed: bool):
+def sft_config(cfg, work_dir: Path, report_to: list[str], run_name: str, distributed: bool,
+               validate: bool = False):
     import torch
     from trl import SFTConfig
 
@@ -48,6 +49,9 @@ def sft_config(cfg, work_dir: Path, report_to: list[str], run_name: str, distrib
         extra["fsdp"] = "full_shard auto_wrap"
     if distributed and t.distributed == "deepspeed":
         extra["deepspeed"] = t.deepspeed_config
+    if validate:  # eval loss on the held-out rows every eval_steps (and after the last step)
+        extra.update(eval_strategy="steps", eval_steps=t.get("eval_steps") or t.logging_steps,
+                     per_device_eval_batch_size=t.batch_size)
     return SFTConfig(
         output_dir=str(work_dir), max_steps=t.max_steps, num_train_epochs=t.epochs,
         learning_rate=t.lr, per_device_train_batch_size=t.batch_size,
@@ -113,7 +117,7 @@ def build_model(cfg, model_path: str, rows: list[dict] | None = None, init_dir: 
     return model, lora_config(cfg.adapter)
 
 
-def flix_trainer(model, args, dataset, tokenizer, callbacks: list):
+def flix_trainer(model, args, dataset, tokenizer, callbacks: list, eval_dataset=None):
     """SFTTrainer for a FLix model: the feature columns travel with each batch (the collator
     turns them into `flix_features`, which the model's pre-hook routes on)."""
     from trl import SFTTrainer
@@ -129,7 +133,7 @@ def flix_trainer(model, args, dataset, tokenizer, callbacks: list):
         model._hf_peft_config_loaded = True
     try:
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          data_collator=collator, callbacks=callbacks)
+                          eval_dataset=eval_dataset, data_collator=collator, callbacks=callbacks)
     finally:
         if quantised:
             model._hf_peft_config_loaded = False
@@ -160,19 +164,34 @@ def train_langs(rows: list[dict], init_dir: str | None) -> list[str] | None:
     return sorted(langs)
 
 
+def eval_history(trainer) -> list[dict]:
+    """[{step, eval_loss}] of the run, the last one after the final step (evaluated now when
+    the step count is no multiple of eval_steps)."""
+    def logged():
+        return [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in trainer.state.log_history
+                if "eval_loss" in h]
+
+    if not logged() or logged()[-1]["step"] != trainer.state.global_step:
+        trainer.evaluate()
+    return logged()
+
+
 def last_checkpoint(work_dir: Path) -> str | None:
     ckpts = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     complete = [c for c in ckpts if (c / "trainer_state.json").exists()]
     return str(complete[-1]) if complete else None
 
 
-def _fix_adapter_base(product_dir: Path, model_path: str) -> None:
-    """Name the real base (local path or hub id) so plain PeftModel.from_pretrained finds it."""
-    f = product_dir / "adapter_config.json"
-    if f.exists():
-        conf = json.loads(f.read_text())
-        conf["base_model_name_or_path"] = model_path
-        f.write_text(json.dumps(conf, indent=2))
+def _fix_adapter_base(product_dir: Path, model_path: str, output_root: str) -> None:
+    """Name the real base (local path or hub id) so plain PeftModel.from_pretrained finds it;
+    relative to the adapter when both are in the output tree (polyft.runs.base_reference)."""
+    ref = base_reference(product_dir, model_path, output_root)
+    for name in ("adapter_config.json", flix.CONFIG_FILE):
+        f = product_dir / name
+        if f.exists():
+            conf = json.loads(f.read_text())
+            conf["base_model_name_or_path"] = ref
+            f.write_text(json.dumps(conf, indent=2, sort_keys=name == flix.CONFIG_FILE))
 
 
 def merge_back(product_dir: Path, model_path: str, cfg) -> Path:
@@ -200,19 +219,24 @@ def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, in
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     main_process = int(os.environ.get("RANK", "0")) == 0
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
-    rows = load_mixture(cfg.data, is_offline(cfg.offline))
+    rows, validation = load_splits(cfg.data, is_offline(cfg.offline))
     dataset, data_key = tokenized_dataset(rows, tokenizer, cfg.output_root, cfg.model.chat_template, model_path)
+    held = tokenized_dataset(validation, tokenizer, cfg.output_root, cfg.model.chat_template,
+                             model_path)[0] if validation else None
     model, peft_config = build_model(cfg, model_path, rows, init_dir)
     with tracking.training(cfg.logger, run_dir, tracked, main_process) as hooks:
-        args = sft_config(cfg, work_dir, hooks.report_to, tracked.name if tracked else run_dir.name, distributed)
+        args = sft_config(cfg, work_dir, hooks.report_to, tracked.name if tracked else run_dir.name, distributed,
+                          validate=held is not None)
         callbacks = [console.train_bar(), log_last_step(), *hooks.callbacks]
         if cfg.adapter.type == "flix":
-            trainer = flix_trainer(model, args, dataset, tokenizer, callbacks)
+            trainer = flix_trainer(model, args, dataset, tokenizer, callbacks, held)
         else:
             trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
+                                 eval_dataset=held.remove_columns(["lang", "task"]) if held is not None else None,
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
         resume = last_checkpoint(work_dir)
         result = trainer.train(resume_from_checkpoint=resume)
+        evals = eval_history(trainer) if held is not None else None
         losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
         if losses:
             hooks.summary.update(final_loss=losses[-1]["loss"], first_loss=losses[0]["loss"])
@@ -224,6 +248,8 @@ def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, in
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if hooks.info:  # where the tracked run is (run.json, the console)
         summary["tracking"] = hooks.info
+    if evals is not None:
+        summary.update(eval_history=evals, validation_examples=len(held))
     if not trainer.is_world_process_zero():
         return summary
     summary["train_langs"] = train_langs(rows, init_dir if cfg.adapter.type != "full" else None)
@@ -237,10 +263,12 @@ def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, in
             summary["matched_rank"] = {"r": cfg.adapter.r, "expert": cfg.adapter.match}
         trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    _fix_adapter_base(out_dir, model_path)
+    _fix_adapter_base(out_dir, model_path, cfg.output_root)
     if cfg.merge_back and cfg.adapter.type != "full":
         summary["merged"] = str(merge_back(out_dir, model_path, cfg).relative_to(out_dir))
     summary["manifest"] = dict(base_model=model_path, base_source=source_of(model_path), adapter=cfg.adapter.type,
                                quant=cfg.quant.name, chat_template=cfg.model.chat_template,
                                train_langs=summary["train_langs"], final_loss=losses[-1]["loss"] if losses else None, steps=trainer.state.global_step)
+    if evals:
+        summary["manifest"]["eval_loss"] = evals[-1]["eval_loss"]
     return summary

@@ -427,3 +427,31 @@ def smollm2_dir(cache_root, smollm2_gguf) -> Path:
     cache (outputs/models of the `cli` fixture's runs is the same directory), so later
     sessions and `polyft ... model=smollm2-135m` in tests reuse it."""
     return _smollm2_dir(cache_root, smollm2_gguf)
+
+
+# ------------------------------------------------------------------ a model of the user's own
+
+def hf_model_dir(dst: Path, tokenizer_from: Path, layers: int = 3, chat_template: bool = True) -> Path:
+    """A small random Llama saved as a plain Hugging Face directory (not a polyft preset),
+    with the tokenizer of `tokenizer_from` (chat_template=False: one that ships none)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    if not chat_template:
+        tok.chat_template = None
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if not chat_template:
+        (tmp / "chat_template.jinja").unlink(missing_ok=True)
+    tmp.rename(dst)
+    return dst

@@ -48,11 +48,11 @@ def test_train_console_is_quiet_and_verbose_brings_the_logs_back(cli, tiny_llama
     assert_quiet_console(quiet, run_dir, max_lines=8)
     out = quiet.stdout
     assert "polyft train seed=0" in out and "train demo: 2 steps" in out, out
-    assert re.search(r"^polyft: training adapter tiny-llama-lora \.\.\.$", out, re.M), out
-    assert re.search(r"^polyft: adapter tiny-llama-lora written to \S+ \(\d+\.\d s\)$", out, re.M), out
+    assert re.search(r"^polyft: training adapter tiny-llama-lora-r8-demo \.\.\.$", out, re.M), out
+    assert re.search(r"^polyft: adapter tiny-llama-lora-r8-demo written to \S+ \(\d+\.\d s\)$", out, re.M), out
     log = log_of(run_dir)
     assert "{'loss'" in log and "{'train_runtime'" in log  # the trainer's lines went to the log
-    assert "polyft: training adapter tiny-llama-lora ..." in log  # polyft's own lines too, in order
+    assert "polyft: training adapter tiny-llama-lora-r8-demo ..." in log  # polyft's own lines too, in order
     # polyft passes TrainingArguments activation_checkpointing (config key train.gradient_checkpointing)
     assert "`gradient_checkpointing` is deprecated" not in log
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from polyft.adapters.lora import write_lora
 from polyft.errors import PolyftError
+from polyft.runs import resolve_base
 
 FEATURE_TYPES = ("task", "lang")  # the fields every training row carries (polyft.data.sources)
 CONFIG_FILE = "flix_config.json"
@@ -78,9 +79,11 @@ class FlixConfig:
         if not f.is_file():
             raise PolyftError(f"{key}={directory}: not a FLix adapter directory (no {CONFIG_FILE})")
         try:
-            return cls(**json.loads(f.read_text()))
+            cfg = cls(**json.loads(f.read_text()))
         except (json.JSONDecodeError, TypeError):
             raise PolyftError(f"{key}={directory}: {CONFIG_FILE} is not a FLix config") from None
+        cfg.base_model_name_or_path = resolve_base(directory, cfg.base_model_name_or_path)
+        return cfg
 
 
 def feature_values(rows: list[dict], features: list[str]) -> dict:

@@ -28,6 +28,14 @@ _FLAGS1 = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-d
 PREFLIGHT_POINTS = 256
 
 
+def is_override(arg: str) -> bool:
+    """`key=value` whose key is a key of the config (r=8 in `polyft ls lora r=8` is not)."""
+    from polyft.config.schema import RootConfig
+
+    key, eq, _ = arg.lstrip("+~").partition("=")
+    return bool(eq) and (key.split(".")[0] in RootConfig.__dataclass_fields__ or key.startswith("hydra"))
+
+
 def fail(message: str) -> None:
     console.stop()
     print(f"polyft: error: {message}", file=sys.stderr)
@@ -227,6 +235,8 @@ def run_cli(args: list[str]) -> int:
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; use one of: {', '.join(COMMANDS)}")
     overrides, flags = split_args(rest)
+    words = [o for o in overrides if not is_override(o)] if command == "ls" else []  # ls's filters
+    overrides = [o for o in overrides if o not in words]
     try:
         from polyft.cli.compose import command_line
 
@@ -239,6 +249,8 @@ def run_cli(args: list[str]) -> int:
             return 0
         multirun = "-m" in flags or "--multirun" in flags
         printing = {"--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"} & set(flags)
+        if command == "ls" and not printing:
+            return list_products(overrides, dirs, words)
         if not COMMANDS[command].makes_run or printing:
             return print_only(command, overrides, flags, dirs, multirun)
         console.start(rest)
@@ -255,6 +267,13 @@ def run_cli(args: list[str]) -> int:
     hydra_app(command, dirs).multirun(config_name="config", task_function=run_command,
                                       overrides=[f"command={command}", *overrides, "hydra.mode=MULTIRUN"])
     return sweep_status()
+
+
+def list_products(overrides: list[str], dirs: list, words: list[str]) -> int:
+    """polyft ls: the config only for output_root (and an experiment's, if named)."""
+    from polyft.commands.ls import show
+
+    return show(job_config(composed_points("ls", overrides, dirs, False)[0]), words)
 
 
 def print_only(command: str, overrides: list[str], flags: list[str], dirs: list, multirun: bool) -> int:

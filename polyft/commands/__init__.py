@@ -43,6 +43,13 @@ accelerator memory, without loading any weights. plan.fit=true (train/run under
 hydra/launcher=slurm) sets each point's mem_gb and gres from this estimate.
 e.g. polyft plan +exp=maple -m adapter.r=8,64 quant=4bit,none""",
             groups=("plan", *TRAINING, "exp"), keys=("seed", "output_root", "offline", "expert", "resources")),
+    Command("ls", "polyft.commands.ls", "the stored products (trained, merged, evaluated): key settings, size, date",
+            makes_run=False, details="""usage: polyft ls [WORD ...] [output_root=DIR]
+One table per kind (adapter, model, merged, eval): name, model, adapter and rank, quant, data,
+steps, loss (validation loss when there is one), size, date. Products written to an
+output_dir are listed by their path. A WORD keeps the rows that contain it (all words must
+match), e.g. polyft ls lora r=8""",
+            groups=(), keys=("output_root",)),
 )}
 
 

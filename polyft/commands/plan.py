@@ -1,7 +1,7 @@
 """`polyft plan`: what each run (each sweep point) trains and the memory it needs.
 
-Nothing is loaded: the architecture comes from a local config.json, else the model
-preset's keys (hidden_size, num_layers, ...), else the tiny model's spec, and the memory is
+Nothing is loaded: the architecture comes from a local config.json (model=hf with a hub id:
+the cached or fetched config.json), else the model preset's keys (hidden_size, num_layers, ...), else the tiny model's spec, and the memory is
 arithmetic on it. Per point and per trained model it prints trainable and total parameters,
 the quantisation, the estimated peak accelerator memory broken down (weights at their bits,
 adapter, gradients, optimizer state, activations for batch x length with and without
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polyft.errors import ConfigError
-from polyft.models.load import resolve_model_path
+from polyft.models.load import model_config_json, resolve_model_path
 from polyft.products import expert_config, flix_total_rank
 
 GIB = 2 ** 30
@@ -71,6 +71,8 @@ def architecture(model_cfg, output_root: str) -> Arch:
     if path and (Path(path).expanduser() / "config.json").is_file():
         conf = json.loads((Path(path).expanduser() / "config.json").read_text())
         conf = conf.get("text_config", conf)
+    elif model_cfg.path and not model_cfg.hidden_size:  # model=hf with a hub id: its config.json
+        conf = model_config_json(model_cfg, output_root) or {}
     t = model_cfg.tiny
     pick = lambda key, preset, tiny: conf.get(key) or model_cfg.get(preset) or (t.get(tiny) if t else None)  # noqa: E731
     values = dict(hidden=pick("hidden_size", "hidden_size", "hidden_size"),

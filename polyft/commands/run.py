@@ -14,8 +14,10 @@ from polyft import console
 from polyft.commands import eval as eval_command
 from polyft.commands import merge as merge_command
 from polyft.commands import report, train
+from polyft.config.experiment import check_swap_depths
 from polyft.config.schema import option_names
 from polyft.errors import PolyftError
+from polyft.models.load import model_depth
 
 
 def preflight(cfg) -> None:
@@ -25,6 +27,8 @@ def preflight(cfg) -> None:
         raise PolyftError("polyft run needs an experiment: +exp=NAME; available: "
                           + ", ".join(option_names("exp", cfg.config_dirs)))
     train.preflight(cfg)
+    # a model named by its path alone (model=hf) has its depth in its config.json, not the config
+    check_swap_depths(cfg, lambda m: model_depth(m, cfg.output_root, cfg.offline))
 
 
 def command(cfg, record) -> None:

@@ -23,12 +23,14 @@ from omegaconf import OmegaConf
 from polyft import console, tracking, training
 from polyft.commands import multinode
 from polyft.config.schema import RootConfig, to_container
-from polyft.data.formatting import check_chat_template
+from polyft.data.formatting import check_chat_template, is_chat
 from polyft.data.mixture import load_mixture
 from polyft.data.sources import load_source
 from polyft.errors import ConfigError, PolyftError
 from polyft.models.gguf import source_of
-from polyft.models.load import builds_tiny, check_model_dir, is_offline, safetensors_names
+from polyft.models.card import card, command_line, overrides_of, write_card
+from polyft.models.load import (builds_tiny, check_model_dir, is_offline, looks_like_hub_id, model_config_json,
+                                safetensors_names)
 from polyft.products import existing_product, expert_config, init_dir, run_name, train_plan
 from polyft.runs import config_hash
 
@@ -61,6 +63,10 @@ def _preflight_one(cfg) -> None:
     p = train_plan(cfg, build_model=False)
     if not builds_tiny(cfg.model):
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
+        if looks_like_hub_id(p.model_path) and model_config_json(cfg.model, cfg.output_root, cfg.offline) is None:
+            raise PolyftError(f"model.path={p.model_path}: its config.json cannot be read from the hub (no "
+                              "connection, a gated model without a token, or no such repo); check the id, "
+                              "or download it and set model.path=/local/dir")
     _check_targets(cfg, p.model_path)
     init_file = "flix_config.json" if a.type == "flix" else "adapter_config.json"
     if a.init_from and a.init_from not in cfg.experts and not (Path(a.init_from) / init_file).is_file():
@@ -70,7 +76,7 @@ def _preflight_one(cfg) -> None:
         raise PolyftError(f"output_dir={p.target} exists and holds something else; remove it or "
                           "choose another path")
     rows = load_mixture(cfg.data, is_offline(cfg.offline))
-    if any(r["prompt"] for r in rows):  # prompt/response rows are rendered as chat turns
+    if any(is_chat(r) for r in rows):  # prompt/response rows and chats are rendered as chat turns
         check_chat_template(p.model_path, cfg.model.chat_template)
     if a.type == "flix":
         _check_flix_sources(cfg)
@@ -129,12 +135,15 @@ def train_one(cfg, record) -> None:
             summary = training.train(cfg, p.model_path, work_dir, build.dir, record.run_dir,
                                      init_dir(cfg) if cfg.adapter.init_from else None, tracked)
         build.manifest.update(summary.pop("manifest"))
+        write_card(build.dir, model_card(cfg, p.name, build, record.run_dir))
         return summary
 
     got = p.store.obtain(p.kind, p.name, p.key, make, p.target)
     if got.reused:
-        record.add_artifact(p.kind, got.path, reused=True, name=p.name)
-        console.echo(f"polyft: {p.kind} {p.name} already trained: {got.path}")
+        copied = {"copied_from": str(got.copied_from.resolve())} if got.copied_from else {}
+        record.add_artifact(p.kind, got.path, reused=True, name=p.name, **copied)
+        console.echo(f"polyft: {p.kind} {p.name} already trained: " + (
+            f"copied {got.copied_from} to {got.path}" if got.copied_from else str(got.path)))
         return
     shutil.rmtree(work_dir, ignore_errors=True)
     summary = got.result
@@ -145,6 +154,8 @@ def train_one(cfg, record) -> None:
         record.history = history
         record.metrics.update(final_loss=history[-1]["loss"] if history else None,
                               first_loss=history[0]["loss"] if history else None)
+        if summary.get("eval_history"):  # the validation set's loss after the last step
+            record.metrics["eval_loss"] = summary["eval_history"][-1]["eval_loss"]
         record.extra["train"] = {**summary, "artifact": str(got.path)}
     else:  # one of an experiment's experts
         record.extra.setdefault("trained", {})[p.name] = {**summary, "artifact": str(got.path), "history": history}
@@ -160,6 +171,19 @@ def tracked_run(cfg, p, record) -> tracking.Tracked:
     product = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key), "run_name": run_name(p)}
     return tracking.Tracked(run_name(p), tracking.group_name(cfg.exp_name, cfg.command, sweep), "train",
                             {"polyft": config, "product": product, **({"sweep_point": sweep["point"]} if sweep else {})})
+
+
+def model_card(cfg, name: str, build, run_dir) -> str:
+    """The product's README.md: the run's command line and, for an experiment's expert, the
+    command that trains that expert alone."""
+    overrides = overrides_of(run_dir)
+    made_by = command_line(cfg.command, overrides) if overrides is not None else None
+    alone = None
+    if overrides is not None and cfg.get("expert"):
+        alone = command_line("train", [o for o in overrides if not o.startswith("expert=")] + [f"expert={cfg.expert}"])
+    conf = next((build.dir / f for f in ("adapter_config.json", "flix_config.json") if (build.dir / f).is_file()), None)
+    base_ref = json.loads(conf.read_text()).get("base_model_name_or_path") if conf else None
+    return card(name, build.manifest, made_by, alone, run_dir, base_ref)
 
 
 # ---------------------------------------------------------------- several processes

@@ -9,6 +9,7 @@ Merge methods check their own parameters beside their maths (polyft.merge.regist
 from __future__ import annotations
 
 import math
+import re
 
 from omegaconf import DictConfig
 
@@ -21,6 +22,8 @@ from polyft.errors import ConfigError
 from polyft.eval.specs import ENTRY_KEYS
 from polyft.merge import registry
 from polyft.merge.io import parse_size
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -95,6 +98,12 @@ def check_data(d) -> None:
         raise ConfigError(f"data.max_length={d.max_length} is not allowed; it must be > 8")
     if not d.sources:
         raise ConfigError(f"data={d.name} has no sources; add at least one under data.sources")
+    if not 0 <= d.validation_ratio < 1:
+        raise ConfigError(f"data.validation_ratio={d.validation_ratio} is not allowed; it must be in [0, 1) "
+                          "(the share of each source's rows held out for eval loss)")
+    if all(s.validation for s in d.sources.values()):
+        raise ConfigError(f"data={d.name}: every source has validation=true; at least one source must be "
+                          "trained on")
     for name, s in d.sources.items():
         key = f"data.sources.{name}"
         choice(f"{key}.type", s.type, ("synthetic", "jsonl", "parquet", "csv", "hub", "xtremeup"))
@@ -136,6 +145,20 @@ def _check_train(t) -> None:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} is not allowed; it must be in [0, 1)")
     if t.save_steps < 1:
         raise ConfigError(f"train.save_steps={t.save_steps} is not allowed; it must be >= 1")
+    if t.eval_steps is not None and t.eval_steps < 1:
+        raise ConfigError(f"train.eval_steps={t.eval_steps} is not allowed; it must be >= 1 (or null: "
+                          "train.logging_steps)")
+
+
+def has_validation(d) -> bool:
+    return bool(d.validation_ratio) or any(s.validation for s in d.sources.values())
+
+
+def _check_name(name) -> None:
+    """A product name is one directory-name part."""
+    if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+        raise ConfigError(f"name={name} is not allowed; a product name takes letters, digits, '.', '_' "
+                          "and '-' (it becomes a directory name, followed by the config hash)")
 
 
 def _check_merge(m) -> None:
@@ -218,7 +241,7 @@ def validate_groups(cfg: DictConfig) -> None:
     choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
     if cfg.logger.mode is not None:
         choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
-    choice("model.chat_template", cfg.model.chat_template, ("model", "plain"))
+    choice("model.chat_template", cfg.model.chat_template, ("model", "plain", "auto"))
     if cfg.command == "plan" or cfg.plan.fit:
         _check_plan(cfg.plan)
     if cfg.command in ("train", "run", "plan"):
@@ -227,6 +250,10 @@ def validate_groups(cfg: DictConfig) -> None:
         check_data(cfg.data)
         _check_flix_data(cfg)
         _check_train(cfg.train)
+        _check_name(cfg.get("name"))
+        if cfg.train.eval_steps is not None and not has_validation(cfg.data):
+            raise ConfigError(f"train.eval_steps={cfg.train.eval_steps}: data={cfg.data.name} has no validation "
+                              "set; set data.validation_ratio (e.g. 0.05) or a source with validation=true")
     if cfg.command in ("merge", "run"):
         _check_merge(cfg.merge)
     if cfg.command in ("eval", "run"):

@@ -12,10 +12,14 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from polyft.models.names import model_name_of
 from polyft.models.tiny import TinySpec
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the shipped options; users add theirs (polyft.cli.compose)
 
+
+# model=hf names itself after model.path: name: ${model_name:${.path}}
+OmegaConf.register_new_resolver("model_name", model_name_of, replace=True)
 
 # The tiny offline model's spec is its config group entry (`model.tiny`).
 TinyModelConfig = TinySpec
@@ -33,7 +37,8 @@ class ModelConfig:
     num_layers: Optional[int] = None  # known depth of a hub preset, for validating swaps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     # The chat template prompts are rendered with (training rows, eval with a chat template):
-    # model = the tokenizer's own (refused if it has none); plain = polyft's PLAIN_TEMPLATE.
+    # model = the tokenizer's own (refused if it has none); plain = polyft's PLAIN_TEMPLATE;
+    # auto = the tokenizer's own, else plain (model=hf).
     chat_template: str = "model"
     # The rest of a hub preset's architecture, for `polyft plan` without its config.json.
     hidden_size: Optional[int] = None
@@ -96,6 +101,11 @@ class SourceConfig:
     prompt_field: Optional[str] = "prompt"  # null: plain text, loss on all of it (continued pretraining)
     input_field: Optional[str] = None  # appended to the prompt when present (Alpaca layout)
     response_field: str = "response"
+    # A column of chats, [{role: system|user|assistant, content: ...}, ...]: loss on the assistant
+    # turns only. Default: `messages` when the source has that column and no prompt_field column.
+    messages_field: Optional[str] = None
+    system: Optional[str] = None  # a system prompt for every row that has none of its own
+    validation: bool = False  # held out: its rows are the validation set, never trained on
 
 
 @dataclass
@@ -108,6 +118,8 @@ class DataConfig:
     max_length: int = 256
     packing: bool = False
     seed: int = 0
+    # Rows of each source held out as the validation set (eval loss during training)
+    validation_ratio: float = 0.0
 
 
 @dataclass
@@ -130,6 +142,7 @@ class TrainConfig:
     num_processes: int = 1
     distributed: str = "ddp"  # ddp | fsdp | deepspeed
     deepspeed_config: Optional[str] = None
+    eval_steps: Optional[int] = None  # eval loss on the validation set every N steps; null: logging_steps
 
 
 @dataclass
@@ -231,6 +244,7 @@ class RootConfig:
     seed: int = 0
     output_root: str = "outputs"
     output_dir: Optional[str] = None
+    name: Optional[str] = None  # a trained product's name (default <model>-<adapter>-r<r>[-<quant>]-<data>)
     offline: Optional[bool] = None  # null: offline when HF_HUB_OFFLINE=1 or the hub is unreachable
     allow_pickle: bool = False
     merge_back: bool = False

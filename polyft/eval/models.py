@@ -20,7 +20,7 @@ from polyft.adapters.flix import FlixConfig
 from polyft.data.formatting import use_chat_template
 from polyft.errors import PolyftError
 from polyft.models.load import check_model_dir, hub_cached, load_base, looks_like_hub_id
-from polyft.runs import read_manifest
+from polyft.runs import read_manifest, resolve_base
 
 _WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".jinja", ".txt")
 
@@ -52,7 +52,7 @@ def describe(ref: str, path: str, *, allow_pickle: bool = False, offline: bool =
         if not safe and not (pickled and allow_pickle):
             what = "only pickle weights (allow_pickle=true to load them)" if pickled else "no adapter weights"
             raise PolyftError(f"{key} is an adapter with {what} (adapter_model.safetensors)")
-        base = conf.get("base_model_name_or_path")
+        base = resolve_base(p, conf.get("base_model_name_or_path"))
         if not base:
             raise PolyftError(f"{key}: adapter_config.json names no base_model_name_or_path")
         if Path(base).exists():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polyft.errors import PolyftError
+from polyft.runs import resolve_base
 
 # safetensors dtype codes and their sizes in bytes
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -246,7 +247,9 @@ def is_adapter_dir(path: Path) -> bool:
 
 
 def adapter_base_ref(path: Path) -> str:
-    return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    """The adapter's base, a relative reference taken from the adapter's directory."""
+    ref = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    return resolve_base(path, ref) or ""
 
 
 def open_checkpoint(path: str | os.PathLike, adapter_base: str | os.PathLike | None = None,

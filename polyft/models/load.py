@@ -82,7 +82,8 @@ def resolve_model_path(model_cfg, output_root: str, offline: bool | None = None,
         return str(Path(ref).resolve())
     if model_cfg.tiny is not None:  # a tiny preset: model.path replaces it, and must be local
         raise PolyftError(f"model.path={ref}: no such directory or .gguf file (model={model_cfg.name} "
-                          "builds a tiny model unless model.path names a local model)")
+                          "builds a tiny model unless model.path names a local model; any other model, "
+                          f"a hub id too: model=hf model.path={ref})")
     if looks_like_hub_id(ref):
         if is_offline(offline) and hub_cached(ref, model_cfg.revision) is None:
             raise PolyftError(
@@ -91,6 +92,42 @@ def resolve_model_path(model_cfg, output_root: str, offline: bool | None = None,
         return ref
     raise PolyftError(f"model.path={ref}: no such directory or file; give a local model directory, a "
                       ".gguf file or a hub id")
+
+
+def model_config_json(model_cfg, output_root: str, offline: bool | None = None) -> dict | None:
+    """The model's config.json (a multimodal model's text_config), without loading weights:
+    from a local directory, a converted GGUF or tiny model already built, or for a hub id the
+    HF cache (online: that one small file is fetched). None when it cannot be had."""
+    try:
+        path = resolve_model_path(model_cfg, output_root, offline, build=False)
+    except PolyftError:
+        return None
+    f = Path(path).expanduser() / "config.json"
+    if not f.is_file() and looks_like_hub_id(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            f = Path(hf_hub_download(path, "config.json", revision=model_cfg.revision,
+                                     local_files_only=is_offline(offline)))
+        except Exception:  # noqa: BLE001 - not cached, no route, gated: the config is unknown
+            return None
+    if not f.is_file():
+        return None
+    try:
+        conf = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return conf.get("text_config", conf) if isinstance(conf, dict) else None
+
+
+def model_depth(model_cfg, output_root: str, offline: bool | None = None) -> int | None:
+    """The number of decoder layers: the preset's or tiny spec's, else its config.json's."""
+    if builds_tiny(model_cfg):
+        return model_cfg.tiny.num_layers
+    if model_cfg.num_layers:
+        return model_cfg.num_layers
+    conf = model_config_json(model_cfg, output_root, offline) or {}
+    return conf.get("num_hidden_layers")
 
 
 def weight_files(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
