@@ -232,6 +232,13 @@ def _check_plan(p) -> None:
             raise ConfigError(f"plan.gres.{size}: not one of plan.gpus ({', '.join(map(str, p.gpus))})")
 
 
+def _check_full_quant(cfg) -> None:
+    """train refuses it, and plan too, so that no plan is made for a run that cannot start."""
+    if cfg.adapter.type == "full" and cfg.quant.bits:
+        raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
+                          "quantised base is not possible (use adapter=lora)")
+
+
 def _check_flix_data(cfg) -> None:
     if cfg.adapter.type == "flix" and cfg.data.packing:
         raise ConfigError("data.packing=true is not allowed with adapter=flix; packed sequences would mix "
@@ -256,6 +263,7 @@ def validate_groups(cfg: DictConfig) -> None:
         _check_quant(cfg.quant)
         check_data(cfg.data)
         _check_flix_data(cfg)
+        _check_full_quant(cfg)
         _check_train(cfg.train)
     if cfg.command in ("merge", "run"):
         _check_merge(cfg.merge)
