@@ -51,8 +51,8 @@ FULL_70B = ("model=llama3_70b", "adapter=full", "train.gradient_checkpointing=tr
 
 def test_full_70b_states_per_gpu_follow_the_zero_formulas():
     """ZeRO paper (Rajbhandari et al. 2019, sec. 3.1, 5): mixed-precision Adam keeps 2 + 2 + 12
-    bytes per parameter; ZeRO-2 shards gradients and optimizer state (2P + 14P/N), ZeRO-3
-    everything (16P/N). FSDP's mixed precision (fp32 masters) holds 4 + 4 + 8 sharded: 16P/N as
+    bytes per parameter; ZeRO-1 shards the optimizer state (4P + 12P/N), ZeRO-2 the gradients
+    too (2P + 14P/N), ZeRO-3 everything (16P/N). FSDP's mixed precision (fp32 masters) holds 4 + 4 + 8 sharded: 16P/N as
     well. One process and DDP train the bf16 model as loaded: 2 + 2 + 4, DDP plus its buckets."""
     from polyft.commands.plan import Layout, estimate
 
@@ -62,7 +62,9 @@ def test_full_70b_states_per_gpu_follow_the_zero_formulas():
     one = estimate(cfg, "x", Layout("single"))
     assert states(one) == pytest.approx((2 + 2 + 4) * p)
     for n in (2, 8, 16, 64):
-        zero2, zero3 = estimate(cfg, "x", Layout("zero2", n)), estimate(cfg, "x", Layout("zero3", n))
+        zero1, zero2 = estimate(cfg, "x", Layout("zero1", n)), estimate(cfg, "x", Layout("zero2", n))
+        zero3 = estimate(cfg, "x", Layout("zero3", n))
+        assert states(zero1) == pytest.approx(4 * p + 12 * p / n)
         fsdp, ddp = estimate(cfg, "x", Layout("fsdp", n)), estimate(cfg, "x", Layout("ddp", n))
         assert states(zero2) == pytest.approx(2 * p + 14 * p / n)
         assert states(zero3) == pytest.approx(16 * p / n)

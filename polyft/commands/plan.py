@@ -83,7 +83,8 @@ class Arch:
 @dataclass(frozen=True)
 class Layout:
     """How the processes of one training hold its states. kind: single (one process), ddp,
-    fsdp (full shard), fsdp_grad_op (train.fsdp.reshard_after_forward=false), zero2, zero3."""
+    fsdp (full shard), fsdp_grad_op (train.fsdp.reshard_after_forward=false), zero0..zero3
+    (DeepSpeed's ZeRO stage)."""
     kind: str = "single"
     processes: int = 1
     nodes: int = 1
@@ -95,13 +96,9 @@ class Layout:
     def per_node(self) -> int:
         return self.processes // self.nodes
 
-    @property
-    def sharded(self) -> bool:
-        return self.kind in ("fsdp", "fsdp_grad_op", "zero2", "zero3")
-
     def label(self) -> str:
         name = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP full shard", "fsdp_grad_op": "FSDP shard grad+optimizer",
-                "zero2": "ZeRO-2", "zero3": "ZeRO-3"}[self.kind]
+                "zero0": "DeepSpeed (ZeRO-0)", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}[self.kind]
         off = [w for w, on in (("parameters", self.offload_params), ("optimizer", self.offload_optimizer)) if on]
         if off:
             name += " + CPU offload" if self.kind.startswith("fsdp") else f" + offload ({', '.join(off)})"
@@ -158,8 +155,6 @@ def layout_of(cfg, launcher: dict | None = None) -> Layout:
             raise ConfigError(f"train.distributed=deepspeed needs train.deepspeed_config: a shipped config "
                               f"({', '.join(DEEPSPEED_SHIPPED)}) or a DeepSpeed JSON file")
         stage, off_params, off_optim = _deepspeed(str(t.deepspeed_config))
-        if stage < 2:  # stage 1 shards the optimizer only: planned as ZeRO-2, a little low
-            stage = 2
         return Layout(f"zero{stage}", n, nodes, off_params, off_optim)
     return Layout("ddp", n, nodes)
 
@@ -307,7 +302,11 @@ def per_gpu(one: Estimate, cfg, arch: Arch, layout: Layout) -> Estimate:
     frozen = 0.0 if full else one.weights
     # 4-bit weights shard only when packed into a float dtype (quant_storage); uint8 stays whole
     whole = frozen if cfg.quant.bits == 4 and cfg.quant.get("quant_storage") == "uint8" else 0.0
-    div = 1 if kind == "zero2" else n  # ZeRO-2 keeps every parameter on every GPU
+    # What each kind shards over the n GPUs (ZeRO stage 1: the optimizer state; 2: and the
+    # gradients; 3 and FSDP: and the parameters; FSDP grad-op shards its fp32 masters too)
+    div = 1 if kind in ("zero0", "zero1", "zero2") else n
+    div_grads = 1 if kind in ("zero0", "zero1") else n
+    div_optim = 1 if kind == "zero0" else n
     weights = (trained * p_bytes if full else frozen - whole) / div + whole
     adapter = 0.0 if full else trained * p_bytes / div
     # Units in use at once, gathered in the compute dtype: the root (embeddings, head, final
@@ -321,9 +320,9 @@ def per_gpu(one: Estimate, cfg, arch: Arch, layout: Layout) -> Estimate:
         gathered = other * a + 2 * ((frozen - other * a) / arch.layers + trained * a / arch.layers)
     if kind == "fsdp_grad_op":  # gathered once per step and kept from forward to backward
         gathered = (trained if full else 0) * a + frozen
-    elif kind == "zero2":
+    elif kind in ("zero0", "zero1", "zero2"):
         gathered = 0.0
-    gradients, optimizer, host = trained * p_bytes / n, state / n, 0.0
+    gradients, optimizer, host = trained * p_bytes / div_grads, state / div_optim, 0.0
     if layout.offload_params:
         host, weights, adapter = weights + adapter, 0.0, 0.0
     if layout.offload_optimizer:
