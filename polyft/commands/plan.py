@@ -127,8 +127,10 @@ def _deepspeed(ref: str) -> tuple[int, bool, bool]:
         zero = json.loads(f.read_text(encoding="utf-8"))["zero_optimization"]
         stage = int(zero["stage"])
     except (OSError, ValueError, KeyError, TypeError):
+        stage = None
+    if stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.deepspeed_config={ref}: not a DeepSpeed JSON config with "
-                          "zero_optimization.stage") from None
+                          "zero_optimization.stage 0, 1, 2 or 3")
     off = {part: (zero.get(f"offload_{part}") or {}).get("device", "none") in ("cpu", "nvme")
            for part in ("param", "optimizer")}
     return stage, off["param"] and stage == 3, off["optimizer"]
@@ -143,6 +145,9 @@ def layout_of(cfg, launcher: dict | None = None) -> Layout:
     if n % nodes:
         raise ConfigError(f"train.num_processes={n} does not spread over {nodes} nodes; over several nodes it is "
                           f"the world size, a multiple of the nodes (e.g. {nodes * max(1, n // nodes)})")
+    if t.distributed == "deepspeed" and not t.deepspeed_config:
+        raise ConfigError(f"train.distributed=deepspeed needs train.deepspeed_config: a shipped config "
+                          f"({', '.join(DEEPSPEED_SHIPPED)}) or a DeepSpeed JSON file")
     if n == 1:
         return Layout("single", 1, nodes)
     if t.distributed == "fsdp":
@@ -151,9 +156,6 @@ def layout_of(cfg, launcher: dict | None = None) -> Layout:
         kind = "fsdp" if f.get("reshard_after_forward", True) else "fsdp_grad_op"
         return Layout(kind, n, nodes, offload, offload, bool(f.get("cpu_ram_efficient_loading", False)))
     if t.distributed == "deepspeed":
-        if not t.deepspeed_config:
-            raise ConfigError(f"train.distributed=deepspeed needs train.deepspeed_config: a shipped config "
-                              f"({', '.join(DEEPSPEED_SHIPPED)}) or a DeepSpeed JSON file")
         stage, off_params, off_optim = _deepspeed(str(t.deepspeed_config))
         return Layout(f"zero{stage}", n, nodes, off_params, off_optim)
     return Layout("ddp", n, nodes)
