@@ -266,9 +266,9 @@ def print_only(command: str, overrides: list[str], flags: list[str], dirs: list,
         return hydra_info(command, overrides, flags, dirs)
     configs = composed_points(command, overrides, dirs, multirun)
     if command == "plan":
-        from polyft.commands.plan import show
-
         from omegaconf import OmegaConf
+
+        from polyft.commands.plan import show
 
         show([(" ".join(o for o in p if o not in overrides), job_config(c),  # the launcher: nodes, GPUs
                OmegaConf.to_container(c.hydra.launcher) if c.hydra.get("launcher") else None)

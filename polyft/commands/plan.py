@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from polyft.commands.multinode import per_node
 from polyft.errors import ConfigError
 from polyft.models.load import resolve_model_path
 from polyft.products import expert_config, flix_total_rank
@@ -142,9 +142,7 @@ def layout_of(cfg, launcher: dict | None = None) -> Layout:
     t = cfg.train
     nodes = int((launcher or {}).get("nodes") or 1)
     n = int(t.num_processes)
-    if n % nodes:
-        raise ConfigError(f"train.num_processes={n} does not spread over {nodes} nodes; over several nodes it is "
-                          f"the world size, a multiple of the nodes (e.g. {nodes * max(1, n // nodes)})")
+    per_node(n, nodes)  # refuses a world size the nodes do not divide, as train does
     if t.distributed == "deepspeed" and not t.deepspeed_config:
         raise ConfigError(f"train.distributed=deepspeed needs train.deepspeed_config: a shipped config "
                           f"({', '.join(DEEPSPEED_SHIPPED)}) or a DeepSpeed JSON file")
