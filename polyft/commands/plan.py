@@ -205,6 +205,7 @@ class Estimate:
     seq: int
     gathered: float = 0.0  # working buffers: units gathered from their shards, or DDP's gradient buckets
     host: float = 0.0  # states offloaded to host memory, per process
+    loaded: float = 0.0  # host memory of one process reading the checkpoint
     layout: Layout = Layout()
 
     @property
@@ -275,7 +276,10 @@ def _one_device(cfg, name: str, arch: Arch) -> Estimate:
     activations_ckpt = tokens * arch.layers * h * a + tokens * per_token_layer + loss
     mult, fixed = OPTIMIZER_STATE.get(cfg.train.optimizer, (2, None))
     optimizer = trainable * (fixed if fixed is not None else mult * p_bytes)
-    return Estimate(name=name, total_params=total + (trainable if cfg.adapter.type != "full" else 0),
+    # Loading, a process holds the checkpoint in 16-bit, or a quantised base at its bits
+    # (bitsandbytes quantises it tensor by tensor as it reads)
+    loaded = weights if cfg.quant.bits else total * 2
+    return Estimate(name=name, total_params=total + (trainable if cfg.adapter.type != "full" else 0), loaded=loaded,
                     trainable_params=trainable, bits=int(bits), weights=weights, adapter=adapter,
                     gradients=trainable * p_bytes, optimizer=optimizer, activations=activations,
                     activations_ckpt=activations_ckpt, overhead=GPU_OVERHEAD if device == "gpu" else 0.0,
@@ -340,14 +344,20 @@ def estimates(cfg, launcher: dict | None = None) -> list[Estimate]:
 
 
 def host_per_node(cfg, ests: list[Estimate]) -> float:
-    """Host memory of one node: each process reading the checkpoint (16-bit) as it loads
-    (one per node with FSDP's cpu_ram_efficient_loading), what CPU offload keeps there, on a
-    CPU run the training itself, a quarter more for the allocator, and each process's own."""
+    """Host memory of one node, a quarter more for the allocator, plus each process's own:
+    the larger of loading (each process reading the checkpoint; one per node with FSDP's
+    cpu_ram_efficient_loading, which accelerate skips for a 4-bit base) and training (what
+    CPU offload keeps there). On a GPU the loaded copy has moved to the GPU before the
+    offloaded states exist; a CPU run trains in host memory on top of what it loaded."""
     def one(e: Estimate) -> float:
         lay = e.layout
-        readers = 1 if lay.ram_efficient_loading else lay.per_node
-        cpu = e.peak if cfg.plan.device == "cpu" else 0.0
-        return 1.25 * (readers * e.total_params * 2 + lay.per_node * (e.host + cpu)) + lay.per_node * PROCESS_HOST
+        readers = 1 if lay.ram_efficient_loading and cfg.quant.bits != 4 else lay.per_node
+        load = readers * e.loaded
+        if cfg.plan.device == "cpu":
+            held = load + lay.per_node * (e.host + e.peak)
+        else:
+            held = max(load, lay.per_node * e.host)
+        return 1.25 * held + lay.per_node * PROCESS_HOST
     return max(one(e) for e in ests)
 
 
