@@ -18,6 +18,7 @@ from polyft import console, tracking
 from polyft.adapters import flix
 from polyft.data.formatting import tokenized_dataset
 from polyft.data.mixture import load_splits
+from polyft.errors import PolyftError
 from polyft.models.gguf import source_of
 from polyft.models.load import is_offline, load_base, load_tokenizer
 from polyft.runs import base_reference, read_manifest
@@ -195,13 +196,34 @@ def _fix_adapter_base(product_dir: Path, model_path: str, output_root: str) -> N
 
 
 def merge_back(product_dir: Path, model_path: str, cfg) -> Path:
-    """A 16-bit merged model beside the adapter; a quantised base is reloaded unquantised."""
+    """A bf16 merged model beside the adapter, streamed by the merge engine as `polyft merge`
+    is: the base's tensors are read one at a time from its files (unquantised, whatever was
+    trained on), the LoRA folded into each adapted one in fp32 (peft's merge_and_unload
+    arithmetic), the others copied file to file; memory follows the largest tensor, not the
+    model. An adapter the engine cannot fold (a LoRA on embeddings, LoRA biases) goes through
+    peft with the whole base in memory, as before."""
+    from polyft.merge import io
+    from polyft.merge.engine import MergeSpec, merge_models
+    from polyft.models.load import hub_cached
+
+    out = product_dir / "merged"
+    base = model_path if Path(model_path).exists() else hub_cached(model_path, cfg.model.revision)
+    try:
+        io.open_checkpoint(product_dir, base, cfg.allow_pickle)
+    except PolyftError:
+        return _merge_back_peft(product_dir, model_path, cfg, out)
+    out.mkdir()
+    merge_models(MergeSpec("linear", [product_dir], params={"weights": [1.0]}, dtype="bfloat16",
+                           adapter_bases={str(product_dir): str(base)}, allow_pickle=cfg.allow_pickle), out)
+    return out
+
+
+def _merge_back_peft(product_dir: Path, model_path: str, cfg, out: Path) -> Path:
     import torch
     from peft import PeftModel
 
     base = load_base(model_path, cfg.model, None, allow_pickle=cfg.allow_pickle)
     merged = PeftModel.from_pretrained(base.to(torch.bfloat16), str(product_dir)).merge_and_unload()
-    out = product_dir / "merged"
     merged.save_pretrained(out, safe_serialization=True)
     return out
 

@@ -26,6 +26,7 @@ import logging.config
 import os
 import re
 import sys
+import warnings
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -34,6 +35,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from polyft.config.schema import CONF_DIR, RootConfig, SourceConfig
 from polyft.errors import PolyftError
+
+# polyft's hydra/launcher/submitit_local.yaml has the name of hydra-submitit-launcher's own
+# structured config, so Hydra validates it against that schema (all its keys are the schema's)
+# and warns that matching by name is deprecated; the match is wanted, the warning is noise.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' is validated against ConfigStore",
+                        category=UserWarning)
 
 GROUPS = ("model", "adapter", "quant", "data", "train", "logger", "merge", "eval", "exp")
 _HYDRAS: dict = {}

@@ -285,9 +285,12 @@ def print_only(command: str, overrides: list[str], flags: list[str], dirs: list,
         return hydra_info(command, overrides, flags, dirs)
     configs = composed_points(command, overrides, dirs, multirun)
     if command == "plan":
+        from omegaconf import OmegaConf
+
         from polyft.commands.plan import show
 
-        show([(" ".join(o for o in p if o not in overrides), job_config(c))
+        show([(" ".join(o for o in p if o not in overrides), job_config(c),  # the launcher: nodes, GPUs
+               OmegaConf.to_container(c.hydra.launcher) if c.hydra.get("launcher") else None)
               for p, c in zip(sweep_points(overrides, multirun), configs)], multirun)
         print(f"polyft: planned {len(configs)} point(s) in {time.time() - start:.1f} s, nothing loaded",
               file=sys.stderr)

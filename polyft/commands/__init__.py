@@ -40,7 +40,10 @@ COMMANDS = {c.name: c for c in (
     Command("plan", "polyft.commands.plan", "per run / sweep point: what it trains and the accelerator memory it needs",
             makes_run=False, details="""For every run (every sweep point with -m): what it trains and its estimated peak
 accelerator memory, without loading any weights. plan.fit=true (train/run under
-hydra/launcher=slurm) sets each point's mem_gb and gres from this estimate.
+hydra/launcher=slurm) sets each point's mem_gb and GPUs per node from this estimate.
+Several GPUs: train.num_processes=N (the world size, over hydra.launcher.nodes) with
+train.distributed=ddp|fsdp|deepspeed gives the memory per GPU of that layout, the host
+memory per node, what plan.fit asks SLURM for, and every layout's per-GPU peak at 1-16 GPUs.
 e.g. polyft plan +exp=maple -m adapter.r=8,64 quant=4bit,none""",
             groups=("plan", *TRAINING, "exp"), keys=("seed", "output_root", "offline", "expert", "resources")),
     Command("ls", "polyft.commands.ls", "the stored products (trained, merged, evaluated): key settings, size, date",

@@ -43,7 +43,7 @@ from polyft.eval.harness import (
 )
 from polyft.eval.models import HFModels, ModelRef, artifact_label, describe, identity, order_by_base, tokenizer_source
 from polyft.eval.specs import TaskSpec, resolve_tasks
-from polyft.eval.vllm_backend import VLLMModels, check_available
+from polyft.eval.vllm_backend import VLLMModels, check_available, check_parallel
 from polyft.models.load import is_offline, set_offline_env
 from polyft.products import eval_refs, store
 from polyft.products import resolve_ref as model_ref
@@ -94,12 +94,13 @@ def plan(cfg, build: bool = True) -> Plan:
     offline = is_offline(cfg.offline)
     if offline:
         set_offline_env()  # before datasets/huggingface_hub are imported: fail fast, no retries
-    if e.backend == "vllm":
-        check_available()
-        if cfg.quant.bits:
-            raise PolyftError(f"quant={cfg.quant.name} is for eval.backend=hf; vLLM loads its own quantised weights")
+    if e.backend == "vllm" and cfg.quant.bits:
+        raise PolyftError(f"quant={cfg.quant.name} is for eval.backend=hf; vLLM loads its own quantised weights")
     models = [describe(ref, resolve_ref(cfg, ref, build), allow_pickle=cfg.allow_pickle, offline=offline)
               for ref in eval_refs(cfg)]
+    if e.backend == "vllm":
+        check_parallel(models, e.tensor_parallel_size, e.data_parallel_size)
+        check_available()
     specs = resolve_tasks(list(OmegaConf.to_container(e.tasks, resolve=True)),
                           langs=list(e.langs) if e.langs else None, include_path=e.include_path,
                           num_fewshot=e.num_fewshot, limit=e.limit,
@@ -161,7 +162,12 @@ def eval_key(cfg, m: ModelRef, specs: list[TaskSpec]) -> dict:
             **({"feature": s.task} if s.task else {}),
         })
     quant = OmegaConf.to_container(cfg.quant, resolve=True) if cfg.quant.bits else None
-    return {"suite": e.suite, "tasks": tasks, "model": identity(m),
+    # vLLM's numbers may move with the engine layout (sharded matmuls, batching); HF placement
+    # runs each layer whole on some GPU, the same computation. A layout other than one engine
+    # is named only when used, so the keys of earlier results still match.
+    parallel = ({"tensor_parallel_size": e.tensor_parallel_size, "data_parallel_size": e.data_parallel_size}
+                if e.backend == "vllm" and (e.tensor_parallel_size, e.data_parallel_size) != (1, 1) else None)
+    return {**({"parallel": parallel} if parallel else {}), "suite": e.suite, "tasks": tasks, "model": identity(m),
             "load": {"dtype": cfg.model.dtype, "revision": cfg.model.revision, "quant": quant,
                      "trust_remote_code": cfg.model.trust_remote_code},
             "backend": e.backend, "device": _device_type(cfg), "chat_template": chat_template(cfg, specs),
@@ -179,9 +185,12 @@ def _models(cfg, p: Plan):
     e = cfg.eval
     if e.backend == "vllm":
         return VLLMModels(p.models, dtype=cfg.model.dtype, batch_size=e.batch_size,
-                          trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed)
+                          trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed,
+                          tensor_parallel_size=e.tensor_parallel_size, data_parallel_size=e.data_parallel_size)
     return HFModels(cfg.model, cfg.quant, allow_pickle=cfg.allow_pickle, device=e.device,
-                    batch_size=e.batch_size, apply_chat_template=any(s.chat for s in p.specs))
+                    batch_size=e.batch_size, apply_chat_template=any(s.chat for s in p.specs),
+                    parallelize=e.parallelize, max_memory_per_gpu=e.max_memory_per_gpu,
+                    max_cpu_memory=e.max_cpu_memory)
 
 
 def evaluate_model(cfg, p: Plan, m: ModelRef, backend, build) -> list[dict]:

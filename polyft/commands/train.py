@@ -57,9 +57,6 @@ def _preflight_one(cfg) -> None:
     if a.type == "lora" and a.match and a.match not in cfg.experts:
         raise ConfigError(f"adapter.match={a.match}: not an expert of this experiment; match names "
                           "an expert with adapter=flix")
-    if a.type == "full" and cfg.quant.bits:
-        raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
-                          "quantised base is not possible (use adapter=lora)")
     p = train_plan(cfg, build_model=False)
     if not builds_tiny(cfg.model):
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)

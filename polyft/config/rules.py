@@ -18,7 +18,7 @@ from polyft.checks import choice, numbers
 from polyft.config import experiment
 from polyft.data.synthetic import GENERATORS, LANGS
 from polyft.data.xtremeup import LAYOUT, SPLITS, TASKS
-from polyft.errors import ConfigError
+from polyft.errors import ConfigError, PolyftError
 from polyft.eval.specs import ENTRY_KEYS
 from polyft.merge import registry
 from polyft.merge.io import parse_size
@@ -175,9 +175,39 @@ def _check_merge(m) -> None:
         method.rules(m)
 
 
+def _check_eval_parallel(e) -> None:
+    """Several GPUs: vLLM's tensor/data parallel sizes, or the HF model spread over devices."""
+    for key in ("tensor_parallel_size", "data_parallel_size"):
+        v = e[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"eval.{key}={v} is not allowed; it must be an integer >= 1")
+        if v > 1 and e.backend != "vllm":
+            raise ConfigError(f"eval.{key}={v} is for eval.backend=vllm; with eval.backend=hf spread the "
+                              "model over the GPUs with eval.parallelize=true")
+    if e.parallelize and e.backend != "hf":
+        raise ConfigError("eval.parallelize=true is for eval.backend=hf; vLLM spreads a model with "
+                          "eval.tensor_parallel_size")
+    if e.parallelize and e.device:
+        raise ConfigError(f"eval.device={e.device} is not allowed with eval.parallelize=true, which places the "
+                          "model over every visible GPU; choose them with CUDA_VISIBLE_DEVICES")
+    for key in ("max_memory_per_gpu", "max_cpu_memory"):
+        v = e[key]
+        if v is None:
+            continue
+        if not e.parallelize:
+            raise ConfigError(f"eval.{key}={v} is only used with eval.parallelize=true; set it, or {key}=null")
+        try:
+            ok = not isinstance(v, bool) and parse_size(v) > 0
+        except PolyftError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"eval.{key}={v} is not allowed; give a size such as 70GiB or 40GB")
+
+
 def _check_eval(e) -> None:
     """Rules for the eval group (task names, languages, models and data: polyft.commands.eval)."""
     choice("eval.backend", e.backend, ("hf", "vllm"))
+    _check_eval_parallel(e)
     bs = e.batch_size
     factor = bs[5:] if isinstance(bs, str) and bs.startswith("auto:") else "1"
     if not ((isinstance(bs, int) and not isinstance(bs, bool) and bs >= 1)
@@ -225,6 +255,13 @@ def _check_plan(p) -> None:
             raise ConfigError(f"plan.gres.{size}: not one of plan.gpus ({', '.join(map(str, p.gpus))})")
 
 
+def _check_full_quant(cfg) -> None:
+    """train refuses it, and plan too, so that no plan is made for a run that cannot start."""
+    if cfg.adapter.type == "full" and cfg.quant.bits:
+        raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
+                          "quantised base is not possible (use adapter=lora)")
+
+
 def _check_flix_data(cfg) -> None:
     if cfg.adapter.type == "flix" and cfg.data.packing:
         raise ConfigError("data.packing=true is not allowed with adapter=flix; packed sequences would mix "
@@ -249,6 +286,7 @@ def validate_groups(cfg: DictConfig) -> None:
         _check_quant(cfg.quant)
         check_data(cfg.data)
         _check_flix_data(cfg)
+        _check_full_quant(cfg)
         _check_train(cfg.train)
         _check_name(cfg.get("name"))
         if cfg.train.eval_steps is not None and not has_validation(cfg.data):

@@ -216,6 +216,15 @@ class EvalConfig:
     # Prompts in the model's chat template (model.chat_template): true/false for every task;
     # null: each task entry's own apply_chat_template, else false (as lm_eval runs tasks).
     apply_chat_template: Optional[bool] = None
+    # Several GPUs. backend=hf: parallelize=true spreads the model over every visible GPU with
+    # accelerate's device_map=auto, as lm-eval's parallelize=True does; max_memory_per_gpu caps
+    # each GPU (e.g. 70GiB) and max_cpu_memory lets layers that do not fit stay on the CPU.
+    parallelize: bool = False
+    max_memory_per_gpu: Any = None
+    max_cpu_memory: Any = None
+    # backend=vllm: GPUs one engine spans (tensor parallel), engines side by side (data parallel, Ray)
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
 
 @dataclass

@@ -193,7 +193,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
 
 
 def load_base(path: str, model_cfg, quant_cfg=None, allow_pickle: bool = False, device_map=None,
-              dtype=None):
+              dtype=None, max_memory=None):
     """The base model, quantised when quant_cfg.bits is 4 or 8. model.dtype=auto: fp32 on CPU,
     bf16 on GPU; `dtype` overrides it ("auto": the checkpoint's own, as lm-eval loads it)."""
     import torch
@@ -212,4 +212,6 @@ def load_base(path: str, model_cfg, quant_cfg=None, allow_pickle: bool = False, 
         kwargs["device_map"] = device_map or ({"": 0} if on_gpu else {"": "cpu"})
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    if max_memory is not None:  # with device_map=auto: bytes per device (GPU index or "cpu")
+        kwargs["max_memory"] = max_memory
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
