@@ -229,13 +229,22 @@ def summary(cfg, point: str | None = None) -> list[str]:
     elif c == "train":
         steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else f"{cfg.train.epochs} epochs"
         lines.append(f"  data {cfg.data.name}, train {cfg.train.name}: {steps}, lr {cfg.train.lr}, "
-                     f"batch {cfg.train.batch_size}")
+                     f"{batch_line(cfg.train)}")
     if c in ("merge", "run"):
         merges = [cfg.merge.name or cfg.merge.method] + list(cfg.get("baselines") or {})
         lines.append(f"  merge {cfg.merge.method}" + (f" (+ {', '.join(merges[1:])})" if merges[1:] else ""))
     if c in ("eval", "run"):
         lines.append(f"  eval {cfg.eval.suite}")
     return lines
+
+
+def batch_line(t) -> str:
+    """train.batch_size is per process; with several processes or accumulation, the global batch too."""
+    n, acc = int(t.num_processes), int(t.grad_accum)
+    if n == 1 and acc == 1:
+        return f"batch {t.batch_size}"
+    procs = f"{n} processes ({t.distributed})" if n > 1 else "1 process"
+    return f"batch {t.batch_size} per process x {procs} x {acc} accumulation = {t.batch_size * n * acc} global"
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from polyft import console, training
+from polyft import console, sharding, training
 from polyft.config.schema import RootConfig
 from polyft.data.formatting import check_chat_template
 from polyft.data.mixture import load_mixture
@@ -55,6 +55,7 @@ def _preflight_one(cfg) -> None:
     if a.type == "full" and cfg.quant.bits:
         raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
                           "quantised base is not possible (use adapter=lora)")
+    sharding.preflight(cfg)
     p = train_plan(cfg, build_model=False)
     if not builds_tiny(cfg.model):
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
@@ -115,6 +116,9 @@ def train_one(cfg, record) -> None:
         record.extra["model_source"] = source_of(p.model_path)
     work_dir = p.store.work_dir(p.kind, p.name, p.key)  # checkpoints survive a killed run
     since = []
+    if cfg.train.num_processes == 1 and cfg.train.distributed != "ddp":
+        console.echo(f"polyft: train.distributed={cfg.train.distributed} with one process: nothing to shard, "
+                     "trained as one process (set train.num_processes)")
 
     def make(build):
         since.append(console.started(f"training {p.kind} {p.name}"))
