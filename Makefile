@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,launchers]"
+	$(PY) -m pip install -q -e ".[dev,launchers,deepspeed]"
 	# The LoraHub authors' package, the reference tests/test_lorahub_reference.py runs; --no-deps:
 	# it asks for an unrelated `dataset` package and nothing it needs is missing here.
 	$(PY) -m pip install -q --no-deps lorahub==0.1.0

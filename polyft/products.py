@@ -102,6 +102,10 @@ def train_key(cfg, model_path: str) -> dict:
                      if k not in _LOG_ONLY},
            "seed": cfg.seed, "merge_back": cfg.merge_back, "encoding": ENCODING}
     key["adapter"] = adapter_key(cfg.adapter)
+    # how the work is laid out over processes, not what it computes: product hashes stay as they were
+    key["train"].pop("fsdp", None)
+    if key["quant"].get("quant_storage") is None:
+        key["quant"].pop("quant_storage", None)
     return key
 
 

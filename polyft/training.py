@@ -14,13 +14,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from polyft import console, tracking
+from polyft import console, sharding, tracking
 from polyft.adapters import flix
 from polyft.data.formatting import tokenized_dataset
 from polyft.data.mixture import load_splits
 from polyft.errors import PolyftError
 from polyft.models.gguf import source_of
-from polyft.models.load import is_offline, load_base, load_tokenizer
+from polyft.models.load import is_offline, load_base, load_tokenizer, torch_dtype
 from polyft.runs import base_reference, read_manifest
 
 
@@ -46,10 +46,13 @@ def sft_config(cfg, work_dir: Path, report_to: list[str], run_name: str, distrib
     bf16, fp16 = _precision(cfg)
     t = cfg.train
     extra = {}
+    checkpointing = t.gradient_checkpointing
     if distributed and t.distributed == "fsdp":
-        extra["fsdp"] = "full_shard auto_wrap"
+        extra["fsdp"] = True
+        extra["fsdp_config"] = sharding.fsdp_config(t, torch.cuda.is_available())
+        checkpointing = False  # FSDP checkpoints its own units (train.fsdp.activation_checkpointing)
     if distributed and t.distributed == "deepspeed":
-        extra["deepspeed"] = t.deepspeed_config
+        extra["deepspeed"] = str(sharding.deepspeed_file(t.deepspeed_config))
     if validate:  # eval loss on the held-out rows every eval_steps (and after the last step)
         extra.update(eval_strategy="steps", eval_steps=t.get("eval_steps") or t.logging_steps,
                      per_device_eval_batch_size=t.batch_size)
@@ -60,7 +63,7 @@ def sft_config(cfg, work_dir: Path, report_to: list[str], run_name: str, distrib
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, optim=t.optimizer,
         max_grad_norm=t.max_grad_norm, save_steps=t.save_steps, save_strategy="steps",
         logging_steps=logging_steps(t), logging_first_step=True,
-        activation_checkpointing=t.gradient_checkpointing, bf16=bf16, fp16=fp16,
+        activation_checkpointing=checkpointing, bf16=bf16, fp16=fp16,
         seed=cfg.seed, data_seed=cfg.seed, report_to=report_to,
         max_length=cfg.data.max_length, packing=cfg.data.packing, completion_only_loss=True,
         dataset_num_proc=None, use_cpu=not torch.cuda.is_available(),
@@ -98,10 +101,21 @@ def flix_config(cfg, rows: list[dict], model_path: str):
 def build_model(cfg, model_path: str, rows: list[dict] | None = None, init_dir: str | None = None):
     """The model to train: the base (quantised if asked), with FLix layers or, continuing an
     adapter, that adapter (`init_dir`); for a new LoRA, the peft config SFTTrainer applies."""
-    model = load_base(model_path, cfg.model, cfg.quant, allow_pickle=cfg.allow_pickle)
+    quant, dtype, device_map = cfg.quant, None, None
+    if cfg.quant.bits:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        device_map = sharding.quant_device_map(cfg, on_gpu)
+        storage = sharding.quant_storage(cfg, str(torch_dtype(cfg.model.dtype, on_gpu)).removeprefix("torch."))
+        quant = OmegaConf.merge(cfg.quant, {"quant_storage": storage if cfg.quant.bits == 4 else None})
+        if storage != "uint8":  # a sharded unit's packed and plain weights share one dtype
+            dtype = storage
+    model = load_base(model_path, cfg.model, quant, allow_pickle=cfg.allow_pickle, device_map=device_map,
+                      dtype=dtype)
     if cfg.adapter.type == "full":
         return model, None
-    if cfg.quant.bits:
+    if cfg.quant.bits and sharding.sharded(cfg) != "fsdp":  # its fp32 norms would mix dtypes in a FSDP unit
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -118,9 +132,10 @@ def build_model(cfg, model_path: str, rows: list[dict] | None = None, init_dir: 
     return model, lora_config(cfg.adapter)
 
 
-def flix_trainer(model, args, dataset, tokenizer, callbacks: list, eval_dataset=None):
-    """SFTTrainer for a FLix model: the feature columns travel with each batch (the collator
-    turns them into `flix_features`, which the model's pre-hook routes on)."""
+def flix_trainer(model, args, dataset, tokenizer, callbacks: list, eval_dataset=None, trainer_cls=None):
+    """SFTTrainer (or `trainer_cls`, a subclass) for a FLix model: the feature columns travel
+    with each batch (the collator turns them into `flix_features`, which the model's pre-hook
+    routes on)."""
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -133,8 +148,8 @@ def flix_trainer(model, args, dataset, tokenizer, callbacks: list, eval_dataset=
     if quantised:
         model._hf_peft_config_loaded = True
     try:
-        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          eval_dataset=eval_dataset, data_collator=collator, callbacks=callbacks)
+        return (trainer_cls or SFTTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                           eval_dataset=eval_dataset, data_collator=collator, callbacks=callbacks)
     finally:
         if quantised:
             model._hf_peft_config_loaded = False
@@ -238,33 +253,41 @@ def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, in
     from trl import SFTTrainer
 
     set_seed(cfg.seed)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = sharding.world_size() > 1
     main_process = int(os.environ.get("RANK", "0")) == 0
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
     rows, validation = load_splits(cfg.data, is_offline(cfg.offline))
     dataset, data_key = tokenized_dataset(rows, tokenizer, cfg.output_root, cfg.model.chat_template, model_path)
     held = tokenized_dataset(validation, tokenizer, cfg.output_root, cfg.model.chat_template,
                              model_path)[0] if validation else None
-    model, peft_config = build_model(cfg, model_path, rows, init_dir)
     with tracking.training(cfg.logger, run_dir, tracked, main_process) as hooks:
+        # the arguments first: they start the process group, which FSDP's low-memory loading reads
         args = sft_config(cfg, work_dir, hooks.report_to, tracked.name if tracked else run_dir.name, distributed,
                           validate=held is not None)
+        if distributed and cfg.train.distributed == "fsdp":
+            os.environ["ACCELERATE_USE_FSDP"] = "true"
+        model, peft_config = build_model(cfg, model_path, rows, init_dir)
+        Trainer = sharding.trainer_class(SFTTrainer) if args.fsdp else SFTTrainer
         callbacks = [console.train_bar(), log_last_step(), *hooks.callbacks]
         if cfg.adapter.type == "flix":
-            trainer = flix_trainer(model, args, dataset, tokenizer, callbacks, held)
+            trainer = flix_trainer(model, args, dataset, tokenizer, callbacks, held, Trainer)
         else:
-            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
-                                 eval_dataset=held.remove_columns(["lang", "task"]) if held is not None else None,
-                                 processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+            trainer = Trainer(model=model, args=args, train_dataset=dataset.remove_columns(["lang", "task"]),
+                              eval_dataset=held.remove_columns(["lang", "task"]) if held is not None else None,
+                              processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
         resume = last_checkpoint(work_dir)
         result = trainer.train(resume_from_checkpoint=resume)
         evals = eval_history(trainer) if held is not None else None
         losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
         if losses:
             hooks.summary.update(final_loss=losses[-1]["loss"], first_loss=losses[0]["loss"])
-    trainable = sum(prm.numel() for prm in trainer.model.parameters() if prm.requires_grad)
+    trainable = sum(getattr(prm, "ds_numel", None) or prm.numel()
+                    for prm in trainer.model.parameters() if prm.requires_grad)
+    a = trainer.args
     summary = {"resumed_from": resume, "history": losses, "data_key": data_key, "trainable_params": trainable,
-               "examples": len(dataset), "world_size": trainer.args.world_size,
+               "examples": len(dataset), "world_size": a.world_size,
+               "batch_per_device": a.per_device_train_batch_size,
+               "global_batch": a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps,
                "train_runtime_s": result.metrics.get("train_runtime"),
                "steps_per_second": result.metrics.get("train_steps_per_second"),
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -272,18 +295,21 @@ def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, in
         summary["tracking"] = hooks.info
     if evals is not None:
         summary.update(eval_history=evals, validation_examples=len(held))
+    if distributed:
+        summary["distributed"] = {"mode": cfg.train.distributed, **sharding.layout(trainer)}
+    # every rank: a sharded model is gathered through collectives before rank 0 writes
+    flix_save = (lambda state: flix.save(model, out_dir, state)) if cfg.adapter.type == "flix" else None
+    sharding.save_trained(trainer, out_dir, flix_save)
     if not trainer.is_world_process_zero():
         return summary
     summary["train_langs"] = train_langs(rows, init_dir if cfg.adapter.type != "full" else None)
     if cfg.adapter.type == "flix":
         summary["flix_values"] = model.flix_config.values
-        flix.save(trainer.model, out_dir)
     else:
         if cfg.adapter.type == "lora" and not init_dir:  # a continued LoRA keeps its own alpha
             summary["lora_alpha"] = lora_alpha(cfg.adapter)
         if cfg.adapter.match:
             summary["matched_rank"] = {"r": cfg.adapter.r, "expert": cfg.adapter.match}
-        trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _fix_adapter_base(out_dir, model_path, cfg.output_root)
     if cfg.merge_back and cfg.adapter.type != "full":

@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_user_error
 
 GIB = 2 ** 30
-# Llama-3-70B (conf/model/llama3_70b.yaml); Llama-2-70B differs only in its vocabulary (32000)
+# Llama-3-70B (conf/model/llama-3.1-70b.yaml); Llama-2-70B differs only in its vocabulary (32000)
 H, L, I, HEADS, KV_HEADS, V3, V2 = 8192, 80, 28672, 64, 8, 128256, 32000
 KV = H // HEADS * KV_HEADS
 
@@ -45,7 +45,7 @@ def states(e) -> float:
     return e.weights + e.adapter + e.gradients + e.optimizer
 
 
-FULL_70B = ("model=llama3_70b", "adapter=full", "train.gradient_checkpointing=true", "train.batch_size=1",
+FULL_70B = ("model=llama-3.1-70b", "adapter=full", "train.gradient_checkpointing=true", "train.batch_size=1",
             "data.max_length=2048")
 
 
@@ -100,7 +100,7 @@ def test_qlora_fsdp_70b_fits_two_24gb_gpus_with_cpu_offload_only():
     the bf16 embeddings and head."""
     from polyft.commands.plan import Layout, estimate
 
-    cfg = cfg_of("model=llama3_70b", f"model.vocab_size={V2}", "quant=4bit", "adapter.r=64", "adapter.alpha=16",
+    cfg = cfg_of("model=llama-3.1-70b", f"model.vocab_size={V2}", "quant=4bit", "adapter.r=64", "adapter.alpha=16",
                  "adapter.target_modules=[q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj]",
                  "train.batch_size=2", "data.max_length=2048", "train.gradient_checkpointing=true")
     base = L * layer_linear() * (4 + 8 / 64 + 32 / (64 * 256)) / 8 + 2 * other_params(V2)
@@ -114,7 +114,7 @@ def test_qlora_fsdp_70b_fits_two_24gb_gpus_with_cpu_offload_only():
     assert offload.fits([24, 40, 80]) == 24
 
 
-PLAN_70B = ("plan", "model=llama3_70b", "adapter=full", "train.distributed=fsdp", "train.num_processes=16",
+PLAN_70B = ("plan", "model=llama-3.1-70b", "adapter=full", "train.distributed=fsdp", "train.num_processes=16",
             "hydra/launcher=slurm", "hydra.launcher.nodes=2")
 
 

@@ -159,14 +159,6 @@ def test_killed_run_resumes_to_the_same_weights(cli, cache_root):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
-def test_two_process_ddp_on_cpu(cli):
-    proc = cli("train", "logger=none", "train.num_processes=2", "train.max_steps=6", "train.save_steps=6")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = run_record(cli.cwd / "outputs" / "runs")
-    assert record["train"]["world_size"] == 2
-    assert Path(record["artifacts"][0]["path"], "adapter_model.safetensors").exists()
-
-
 def test_merge_back_writes_bf16_merged_model(cli):
     out = cli.cwd / "product"
     proc = cli("train", *FAST, "quant=4bit", "merge_back=true", f"output_dir={out}")

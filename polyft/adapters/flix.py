@@ -269,26 +269,30 @@ class FeatureCollator:
 
 # ---------------------------------------------------------------- save / load
 
-def state_tensors(model) -> dict:
-    """flix_model.safetensors names -> tensors (the LoRAs only)."""
+def state_tensors(model, state_dict: dict | None = None) -> dict:
+    """flix_model.safetensors names -> tensors (the LoRAs only), read from the model or from
+    its gathered `state_dict` (a model sharded over processes holds only its shards)."""
     cfg = model.flix_config
     out = {}
     for name, layer in flix_layers(model).items():
         for key, a in layer.lora_A.items():
             ftype, i = key.rsplit("_", 1)
+            b = layer.lora_B[key]
+            if state_dict is not None:
+                a, b = state_dict[f"{name}.lora_A.{key}"], state_dict[f"{name}.lora_B.{key}"]
             out[f"{name}.lora_A.{ftype}.{i}"] = a.detach().float().cpu()
-            out[f"{name}.lora_B.{ftype}.{i}"] = layer.lora_B[key].detach().float().cpu()
+            out[f"{name}.lora_B.{ftype}.{i}"] = b.detach().float().cpu()
     assert set(cfg.modules) == set(flix_layers(model)), "FLix layers changed since inject()"
     return out
 
 
-def save(model, directory) -> None:
+def save(model, directory, state_dict: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model.flix_config.save(d)
-    save_file({k: v.contiguous() for k, v in state_tensors(model).items()}, str(d / WEIGHTS_FILE),
+    save_file({k: v.contiguous() for k, v in state_tensors(model, state_dict).items()}, str(d / WEIGHTS_FILE),
               metadata={"format": "pt"})
 
 

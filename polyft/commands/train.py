@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from polyft import console, tracking, training
+from polyft import console, sharding, tracking, training
 from polyft.commands import multinode
 from polyft.config.schema import RootConfig, to_container
 from polyft.data.formatting import check_chat_template, is_chat
@@ -57,6 +57,10 @@ def _preflight_one(cfg) -> None:
     if a.type == "lora" and a.match and a.match not in cfg.experts:
         raise ConfigError(f"adapter.match={a.match}: not an expert of this experiment; match names "
                           "an expert with adapter=flix")
+    if a.type == "full" and cfg.quant.bits:
+        raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
+                          "quantised base is not possible (use adapter=lora)")
+    sharding.preflight(cfg)
     p = train_plan(cfg, build_model=False)
     if not builds_tiny(cfg.model):
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
@@ -122,6 +126,9 @@ def train_one(cfg, record) -> None:
     work_dir = p.store.work_dir(p.kind, p.name, p.key)  # checkpoints survive a killed run
     since = []
     tracked = tracked_run(cfg, p, record)
+    if cfg.train.num_processes == 1 and cfg.train.distributed != "ddp":
+        console.echo(f"polyft: train.distributed={cfg.train.distributed} with one process: nothing to shard, "
+                     "trained as one process (set train.num_processes)")
 
     def make(build):
         since.append(console.started(f"training {p.kind} {p.name}"))

@@ -22,6 +22,7 @@ from polyft.errors import ConfigError, PolyftError
 from polyft.eval.specs import ENTRY_KEYS
 from polyft.merge import registry
 from polyft.merge.io import parse_size
+from polyft.sharding import QUANT_STORAGE, STATE_DICT_TYPES, deepspeed_names
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -89,6 +90,10 @@ def _check_adapter(a) -> None:
 def _check_quant(q) -> None:
     choice("quant.bits", q.bits, (None, 4, 8))
     choice("quant.quant_type", q.quant_type, ("nf4", "fp4"))
+    choice("quant.quant_storage", q.quant_storage, (None, *QUANT_STORAGE))
+    if q.quant_storage is not None and q.bits != 4:
+        raise ConfigError(f"quant.quant_storage={q.quant_storage} is for 4-bit bases (quant=4bit); "
+                          "set quant.quant_storage=null")
 
 
 def check_data(d) -> None:
@@ -148,6 +153,7 @@ def _check_train(t) -> None:
     if t.eval_steps is not None and t.eval_steps < 1:
         raise ConfigError(f"train.eval_steps={t.eval_steps} is not allowed; it must be >= 1 (or null: "
                           "train.logging_steps)")
+    _check_sharding(t)
 
 
 def has_validation(d) -> bool:
@@ -159,6 +165,22 @@ def _check_name(name) -> None:
     if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
         raise ConfigError(f"name={name} is not allowed; a product name takes letters, digits, '.', '_' "
                           "and '-' (it becomes a directory name, followed by the config hash)")
+
+
+def _check_sharding(t) -> None:
+    shipped = ", ".join(deepspeed_names())
+    if t.distributed == "deepspeed" and not t.deepspeed_config:
+        raise ConfigError(f"train.distributed=deepspeed needs train.deepspeed_config: a shipped config "
+                          f"({shipped}) or a DeepSpeed JSON file")
+    if t.deepspeed_config and t.distributed != "deepspeed":
+        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config} is only read with "
+                          f"train.distributed=deepspeed (it is {t.distributed}); set one or the other")
+    f = t.fsdp
+    choice("train.fsdp.state_dict_type", f.state_dict_type, tuple(STATE_DICT_TYPES))
+    if f.wrap_layer_cls is not None and (not f.wrap_layer_cls or not all(
+            isinstance(c, str) and c.strip() for c in f.wrap_layer_cls)):
+        raise ConfigError(f"train.fsdp.wrap_layer_cls={f.wrap_layer_cls} is not allowed; name module "
+                          "classes (e.g. [LlamaDecoderLayer]) or null for the model's decoder layer")
 
 
 def _check_merge(m) -> None:
@@ -273,6 +295,13 @@ def _check_flix_data(cfg) -> None:
         raise ConfigError(f"adapter.match={cfg.adapter.match} is for adapter=lora in an experiment whose experts include {cfg.adapter.match} (adapter=flix)")
 
 
+def _check_sharded_quant(cfg) -> None:
+    t = cfg.train
+    if t.num_processes > 1 and t.distributed == "fsdp" and cfg.quant.bits == 8:
+        raise ConfigError("quant=8bit cannot be sharded by train.distributed=fsdp (FSDP shards float "
+                          "tensors); use quant=4bit, whose packed weights it shards, or train.distributed=ddp")
+
+
 def validate_groups(cfg: DictConfig) -> None:
     """Cross-field rules for the groups the command uses. Raises ConfigError (one line)."""
     choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
@@ -292,6 +321,7 @@ def validate_groups(cfg: DictConfig) -> None:
         if cfg.train.eval_steps is not None and not has_validation(cfg.data):
             raise ConfigError(f"train.eval_steps={cfg.train.eval_steps}: data={cfg.data.name} has no validation "
                               "set; set data.validation_ratio (e.g. 0.05) or a source with validation=true")
+        _check_sharded_quant(cfg)
     if cfg.command in ("merge", "run"):
         _check_merge(cfg.merge)
     if cfg.command in ("eval", "run"):

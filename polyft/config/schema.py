@@ -77,6 +77,10 @@ class QuantConfig:
     quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
     double_quant: bool = True
     compute_dtype: str = "auto"
+    # 4-bit: the dtype bitsandbytes packs the weights into (uint8 | bfloat16 | float16 | float32).
+    # null: uint8, or under train.distributed=fsdp the dtype the model loads in, so that FSDP
+    # shards the 4-bit weights with the rest (the QLoRA-FSDP recipe; polyft.sharding)
+    quant_storage: Optional[str] = None
 
 
 @dataclass
@@ -123,6 +127,24 @@ class DataConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """train.distributed=fsdp (torch's FSDP2 through accelerate), with train.num_processes > 1."""
+    # Module classes that each become one FSDP unit; null: the model's own decoder layer
+    # (its _no_split_modules, e.g. LlamaDecoderLayer)
+    wrap_layer_cls: Optional[List[str]] = None
+    # false: keep a unit's gathered parameters from forward to backward (ZeRO-2-like, SHARD_GRAD_OP)
+    reshard_after_forward: bool = True
+    # parameters, gradients and the optimizer step in host memory (on GPUs; a CPU run is there already)
+    cpu_offload: bool = False
+    # the shards are filled from rank 0's copy of the checkpoint; the other ranks' copies go to meta
+    cpu_ram_efficient_loading: bool = False
+    # checkpoints: full (one file, rank 0) | sharded (one file per rank); the product is always whole
+    state_dict_type: str = "full"
+    # FSDP's own activation checkpointing of each unit; null: train.gradient_checkpointing
+    activation_checkpointing: Optional[bool] = None
+
+
+@dataclass
 class TrainConfig:
     name: str = MISSING
     max_steps: int = -1
@@ -140,9 +162,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     num_processes: int = 1
-    distributed: str = "ddp"  # ddp | fsdp | deepspeed
+    # ddp | fsdp | deepspeed, with num_processes > 1. train.batch_size is per process: the
+    # global batch is batch_size x num_processes x grad_accum
+    distributed: str = "ddp"
+    # distributed=deepspeed: a shipped config (zero2, zero3, zero3_offload: polyft/conf/deepspeed)
+    # or a DeepSpeed JSON file
     deepspeed_config: Optional[str] = None
     eval_steps: Optional[int] = None  # eval loss on the validation set every N steps; null: logging_steps
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass

@@ -21,11 +21,20 @@ def adapter_text(a) -> str:
     return f"lora r={a.r} alpha={alpha}"
 
 
+def batch_line(t) -> str:
+    """train.batch_size is per process; with several processes or accumulation, the global batch too."""
+    n, acc = int(t.num_processes), int(t.grad_accum)
+    if n == 1 and acc == 1:
+        return f"batch {t.batch_size}"
+    procs = f"{n} processes ({t.distributed})" if n > 1 else "1 process"
+    return f"batch {t.batch_size} per process x {procs} x {acc} accumulation = {t.batch_size * n * acc} global"
+
+
 def training_text(cfg) -> str:
     t = cfg.train
     steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
     return (f"model {cfg.model.name}, adapter {adapter_text(cfg.adapter)}, quant {cfg.quant.name}; "
-            f"data {cfg.data.name}, train {t.name}: {steps}, lr {t.lr:g}, batch {t.batch_size}")
+            f"data {cfg.data.name}, train {t.name}: {steps}, lr {t.lr:g}, {batch_line(t)}")
 
 
 def merge_text(cfg) -> str:

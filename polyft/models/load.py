@@ -175,9 +175,12 @@ def quantization_config(quant_cfg, compute_dtype):
     from transformers import BitsAndBytesConfig
 
     if quant_cfg.bits == 4:
+        # a float storage dtype lets FSDP shard the packed weights (polyft.sharding.quant_storage)
+        storage = quant_cfg.get("quant_storage")
+        extra = {"bnb_4bit_quant_storage": torch_dtype(storage, False)} if storage not in (None, "uint8") else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.quant_type,
                                   bnb_4bit_use_double_quant=quant_cfg.double_quant,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **extra)
     if quant_cfg.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -209,7 +212,8 @@ def load_base(path: str, model_cfg, quant_cfg=None, allow_pickle: bool = False, 
         kwargs["revision"] = model_cfg.revision
     if qconf is not None:
         kwargs["quantization_config"] = qconf
-        kwargs["device_map"] = device_map or ({"": 0} if on_gpu else {"": "cpu"})
+        # each process of a multi-GPU run on its own GPU (torchrun sets LOCAL_RANK)
+        kwargs["device_map"] = device_map or ({"": int(os.environ.get("LOCAL_RANK", "0"))} if on_gpu else {"": "cpu"})
     elif device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:  # with device_map=auto: bytes per device (GPU index or "cpu")
