@@ -67,8 +67,11 @@ def test_bad_alpha_ratio_is_refused(cli, case):
 
 
 def test_full_fine_tuning_ignores_the_ratio_as_it_ignores_alpha(cli):
-    proc = cli("run", "+exp=maple", "adapter=full", "--cfg", "job")
+    # maple's base is 4-bit, and a quantised base cannot be fully fine-tuned: unquantised here
+    proc = cli("run", "+exp=maple", "adapter=full", "quant=none", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    refused = cli("run", "+exp=maple", "adapter=full", "--cfg", "job")
+    assert refused.returncode == 2 and "quant=4bit needs an adapter" in refused.stderr
 
 
 # ------------------------------------------------------------------ alpha_ratio: trained adapters
