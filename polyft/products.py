@@ -29,7 +29,7 @@ from polyft.runs import ArtifactStore, config_hash, fingerprint, read_manifest
 from polyft.training import lora_alpha
 
 MERGED = "merged"  # the store kind of merges
-_LOG_ONLY = ("logging_steps", "name")
+_LOG_ONLY = ("logging_steps", "name", "save_total_limit")
 REF_KEYS = ("models", "base", "middle", "outer", "config_source", "tokenizer_source")
 
 
@@ -62,6 +62,8 @@ def train_key(cfg, model_path: str) -> dict:
     model["resolved"] = None if builds_tiny(cfg.model) else model_path
     if model.get("chat_template") == "model":  # the default: product hashes stay as they were
         del model["chat_template"]
+    if model.get("attn_implementation") is None:  # likewise
+        model.pop("attn_implementation", None)
     key = {"model": model, "quant": OmegaConf.to_container(cfg.quant, resolve=True),
            "data": OmegaConf.to_container(cfg.data, resolve=True),
            "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()

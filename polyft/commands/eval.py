@@ -162,7 +162,8 @@ def eval_key(cfg, m: ModelRef, specs: list[TaskSpec]) -> dict:
     quant = OmegaConf.to_container(cfg.quant, resolve=True) if cfg.quant.bits else None
     return {"suite": e.suite, "tasks": tasks, "model": identity(m),
             "load": {"dtype": cfg.model.dtype, "revision": cfg.model.revision, "quant": quant,
-                     "trust_remote_code": cfg.model.trust_remote_code},
+                     "trust_remote_code": cfg.model.trust_remote_code,
+                     **({"attn_implementation": a} if (a := cfg.model.get("attn_implementation")) else {})},
             "backend": e.backend, "device": _device_type(cfg), "chat_template": chat_template(cfg, specs),
             "dtype_auto": "checkpoint",  # model.dtype=auto loads config.json's dtype, as lm-eval does
             "gen_kwargs": OmegaConf.to_container(e.gen_kwargs, resolve=True), "log_samples": e.log_samples,
