@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from polyft import console
 from polyft.errors import PolyftError
-from polyft.runs import load_runs, read_manifest
+from polyft.runs import load_runs, read_manifest, write_text
 
 # Resource levels as the multilingual PEFT and merging papers group them (by pretraining data).
 HIGH_RESOURCE = {"en", "de", "es", "fr", "ru", "zh", "ja", "it", "pt", "nl", "ar", "vi", "tr", "pl", "ko"}
@@ -349,9 +349,10 @@ def write_report(rows: list[dict], out_dir: Path, metric: str | None = None,
     if grouped is not None and grouped.rows:
         tables.append(grouped)
     md = "\n\n".join(to_markdown(t) for t in tables)
-    (out_dir / "table.md").write_text(md + "\n")
-    (out_dir / "table.csv").write_text("".join(to_csv(t) for t in tables))
-    (out_dir / "table.tex").write_text("\n\n".join(to_latex(t) for t in tables) + "\n")
+    # each file whole or not at all (written aside, renamed): a killed run leaves no half table
+    write_text(out_dir / "table.md", md + "\n")
+    write_text(out_dir / "table.csv", "".join(to_csv(t) for t in tables))
+    write_text(out_dir / "table.tex", "\n\n".join(to_latex(t) for t in tables) + "\n")
     plots = []
     for t in tables:
         fam = t.title.split(":")[0]
