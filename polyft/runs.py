@@ -153,7 +153,7 @@ def disk_full(what: str, path: str | os.PathLike, written: int) -> DiskFullError
         free = f"{human(shutil.disk_usage(_existing(Path(path))).free)} free there"
     except OSError:
         free = "free space unknown"
-    return DiskFullError(f"no space left on device writing {what} {path}: it needs more than {human(written)} "
+    return DiskFullError(f"no space left on device writing {what} {os.path.abspath(path)}: it needs more than {human(written)} "
                          f"(written when the disk filled; {free}); nothing was kept: free space and run "
                          "the same command again")
 

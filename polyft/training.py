@@ -179,6 +179,10 @@ def _train_or_free(trainer, work_dir: Path, resume: str | None):
     try:
         return trainer.train(resume_from_checkpoint=resume)
     except Exception as exc:
+        for cb in trainer.callback_handler.callbacks:  # their bars close into the run's log, not after the error line
+            for bar in (getattr(cb, "training_bar", None), getattr(cb, "bar", None)):
+                if bar is not None and hasattr(bar, "close"):
+                    bar.close()
         if not no_space(exc, work_dir):
             raise
         half = [c for c in work_dir.glob("checkpoint-*") if not complete(c)]
