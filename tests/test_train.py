@@ -211,3 +211,20 @@ def test_store_build_removes_a_killed_builds_temporary_dir(tmp_path):
         (b.dir / "w.txt").write_text("ok")
     assert not stale.exists() and (final / "w.txt").read_text() == "ok"
     assert store.find("model", "x", {"a": 1}) == final
+
+
+def test_two_identical_commands_at_once_one_builds_the_other_waits_and_reuses(cli):
+    args = ["train", "logger=none", "train.max_steps=60", "train.save_steps=30"]
+    procs = [subprocess.Popen([sys.executable, "-m", "polyft.cli", *args], cwd=cli.cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    records = [json.loads(f.read_text()) for f in (cli.cwd / "outputs" / "runs").rglob("run.json")]
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    (built,) = [r for r in records if not r["artifacts"][0]["reused"]]
+    (reused,) = [r for r in records if r["artifacts"][0]["reused"]]
+    assert built["artifacts"][0]["path"] == reused["artifacts"][0]["path"]
+    # the second waited for the first: it started before the first had trained
+    started = lambda r: time.mktime(time.strptime(r["started"], "%Y-%m-%dT%H:%M:%S"))  # noqa: E731
+    assert started(reused) <= started(built) + built["wall_time_s"] - 1, (reused["started"], built["started"])
+    assert len(list((cli.cwd / "outputs" / "artifacts" / "adapter").glob("tiny-llama-lora-*"))) == 1

@@ -448,6 +448,6 @@ def explain(exc: BaseException, dirs: list[Path] | None = None) -> str:
         want = next((w for pattern, w in kinds if re.search(pattern, text)), None)
         given = re.search(r"Error merging override (\S+?=.*?)\n", text + "\n")
         if want:
-            return f"{given.group(1) if given else k.group(1)}: expected {want} for {k.group(1)}"
+            return f"{given.group(1).lstrip('+~') if given else k.group(1)}: expected {want} for {k.group(1)}"
     first = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return first[:400]
