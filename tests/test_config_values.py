@@ -117,7 +117,9 @@ def composed(overrides: list[str], with_hydra: bool = True):
 
 
 def all_keys() -> list[str]:
-    keys = schema_keys() | conf_keys() | launcher_keys()
+    from polyft.eval.specs import ENTRY_KEYS
+
+    keys = schema_keys() | conf_keys() | launcher_keys() | {f"eval.tasks[].{k}" for k in ENTRY_KEYS}
     keys |= {f"experts.*.{k}" for k in schema_keys() if k.split(".")[0] in values.GROUPS}
     keys |= {f"baselines.*.{k[len('merge.'):]}" for k in schema_keys() if k.startswith("merge.")}
     return sorted(keys)

@@ -390,4 +390,4 @@ def _walk(key: str, value, shown: str) -> None:
         return
     if value is None:  # an optional group node (model.tiny)
         return
-    raise ConfigError(f"{shown}: no rule for this key in polyft.config.values")
+    raise ConfigError(f"{shown}: unknown key; `polyft COMMAND --cfg job` shows the keys there are")
