@@ -20,11 +20,12 @@ import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from polyft.adapters.flix import FEATURE_TYPES
 from polyft.checks import Custom, Flag, Items, Number, OneOf, Text, is_list, is_mapping, library_names
 from polyft.data.xtremeup import TASKS
-from polyft.errors import ConfigError
+from polyft.errors import ConfigError, PolyftError
 from polyft.eval.specs import ENTRY_KEYS
 from polyft.merge import registry
 from polyft.merge.io import DTYPE_NAMES, parse_size
@@ -64,7 +65,7 @@ def _eval_batch_size(key: str, value: Any) -> None:
 def _size(key: str, value: Any) -> None:
     try:
         ok = not isinstance(value, bool) and isinstance(value, (int, str)) and parse_size(value) > 0
-    except Exception:  # parse_size's own error names merge.shard_size; this one names `key`
+    except PolyftError:  # parse_size's own error names merge.shard_size; this one names `key`
         ok = False
     if not ok:
         raise ConfigError(f"{key}={value} is not allowed; give a size > 0 such as 2GB, 500MB or 1GiB")
@@ -88,7 +89,7 @@ def _alpha(key: str, value: Any) -> None:
     """LoRA: a number > 0; FLix: one per feature type (checked by polyft.config.rules)."""
     if is_mapping(value) or value is None:  # null beside adapter.alpha_ratio
         return
-    Number(0, low_open=True).check(key, value)
+    POSITIVE.check(key, value)
 
 
 def _tasks(key: str, value: Any) -> None:
@@ -334,7 +335,14 @@ def rule_for(key: str) -> Any:
 
 
 def _plain(node):
-    return OmegaConf.to_container(node, resolve=True, throw_on_missing=False) if OmegaConf.is_config(node) else node
+    """A node as plain values, interpolations resolved; one that resolves only when the job
+    runs (${hydra:...}) stays as written, and is not checked."""
+    if not OmegaConf.is_config(node):
+        return node
+    try:
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException:
+        return OmegaConf.to_container(node, resolve=False, throw_on_missing=False)
 
 
 def check_group(group: str, node) -> None:
@@ -348,7 +356,10 @@ def check_values(cfg: DictConfig) -> None:
     for key in cfg:
         if key == "hydra":  # Hydra's own node (run dirs, launcher: polyft.cli.launchers)
             continue
-        value = _plain(cfg[key])
+        try:
+            value = _plain(cfg[key])
+        except OmegaConfBaseException:  # a value that resolves when the job runs: as written
+            value = OmegaConf.to_container(cfg, resolve=False)[key]
         if key == "experts":
             for name, spec in (value or {}).items():
                 _check_expert(f"experts.{name}", spec)
@@ -377,6 +388,8 @@ def _check_expert(where: str, spec) -> None:
 def _walk(key: str, value, shown: str) -> None:
     """Check `value` at `key` (reported as `shown`) by its rule, or each of its entries."""
     rule = rule_for(key)
+    if isinstance(value, str) and value.startswith("${"):  # resolved when the job runs
+        return
     if rule is not None:
         rule.check(shown, value)
         if is_mapping(value) and isinstance(rule, Custom):
