@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,launchers]"
+	$(PY) -m pip install -q -e ".[dev,launchers,deepspeed]"
 	# The LoraHub authors' package, the reference tests/test_lorahub_reference.py runs; --no-deps:
 	# it asks for an unrelated `dataset` package and nothing it needs is missing here.
 	$(PY) -m pip install -q --no-deps lorahub==0.1.0
@@ -57,11 +57,10 @@ demo-real: install fetch-model
 # swap (Gemma 3 270M, 3 seeds, 200 items a cell) runs two one-thread jobs side by side
 # (scripts/swap_powered.sh; logs in outputs/logs/<exp>/). The Swahili table (the hard case,
 # not run yet) is `scripts/swap_powered.sh swap_powered_sw`.
-tables-real: install fetch-model fetch-gemma
-	POLYFT=$(VENV)/bin/polyft PYTHON=$(PY) scripts/swap_powered.sh swap_powered_de
-	$(REAL_ENV) $(VENV)/bin/polyft run +exp=swap_real -m merge.bottom=3,6,9 merge.top=3
-	$(REAL_ENV) $(VENV)/bin/polyft run +exp=maple_real -m adapter.r=4,64 quant=none,4bit
-	$(REAL_ENV) $(VENV)/bin/polyft run +exp=merge_lowres_real -m merge.slack=0.0,0.1,0.3
+# The powered real-model tables (docs/results-real.md), each about an hour on 2 cores.
+TABLES ?= swap_powered_de swap_powered_sw transfer_powered ties_powered maple_powered flix_powered
+tables-real: install fetch-gemma
+	for t in $(TABLES); do POLYFT=$(VENV)/bin/polyft PYTHON=$(PY) scripts/powered.sh $$t || exit 1; done
 
 # One pytest-xdist worker per core; --dist loadgroup keeps the tests that share a SLURM
 # cluster or a module's trained models on one worker (tests/conftest.py names the groups).

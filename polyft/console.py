@@ -35,6 +35,7 @@ _err = None
 _window = None  # the open capture window, if any
 _pending = bytearray()  # what was captured before a run directory existed
 _verbose = False
+_tag = ""  # a sweep point's `[#N] ` before each of its lines: parallel points' lines interleave
 
 
 def _streams():
@@ -149,6 +150,8 @@ def echo(text: str = "", err: bool = False) -> None:
     """A line (or block) of polyft's own to the terminal, and into the run's log."""
     out, errs = _streams()
     stream = errs if err else out
+    if _tag:
+        text = "\n".join(_tag + line for line in text.split("\n"))
     print(text, file=stream, flush=True)
     if _window is not None:
         _window.note(text + "\n")
@@ -171,7 +174,7 @@ def progress(total: int, desc: str, unit: str = "it"):
         return _NoBar(total)  # what tqdm's disable=None does off a terminal, without importing it (20 ms)
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"polyft: {desc}", unit=unit, file=stream, leave=False,
+    return tqdm(total=total, desc=f"{_tag}polyft: {desc}", unit=unit, file=stream, leave=False,
                 disable=None, dynamic_ncols=True)
 
 
@@ -183,6 +186,9 @@ class _NoBar:
 
     def update(self, n: int = 1) -> None:
         self.n += n
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -203,6 +209,10 @@ def train_bar():
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix_str(f"loss {logs['loss']:.4g}")
+
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
                 self.bar.close()
@@ -211,44 +221,19 @@ def train_bar():
     return TrainBar()
 
 
-def summary(cfg, point: str | None = None) -> list[str]:
-    """The composed config in a few lines: what this command is about to do."""
-    c = cfg.command
-    head = [f"polyft {c}"] + ([f"point {point}"] if point else [])
-    if cfg.get("exp_name"):
-        head.append(f"exp={cfg.exp_name}")
-    head.append(f"seed={cfg.seed}")
-    lines = [" ".join(head)]
-    if c in ("train", "run", "eval", "plan") or (c == "merge" and cfg.get("experts")):
-        adapter = cfg.adapter.type + (f" r={cfg.adapter.r}" if cfg.adapter.type != "full" else "")
-        lines.append(f"  model {cfg.model.name}, adapter {adapter}, quant {cfg.quant.name}")
-    experts = cfg.get("experts") or {}
-    if c in ("train", "run") and experts:
-        names = [cfg.expert] if cfg.get("expert") else list(experts)
-        lines.append(f"  experts {', '.join(names)} (data and train settings per expert)")
-    elif c == "train":
-        steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps > 0 else f"{cfg.train.epochs} epochs"
-        lines.append(f"  data {cfg.data.name}, train {cfg.train.name}: {steps}, lr {cfg.train.lr}, "
-                     f"batch {cfg.train.batch_size}")
-    if c in ("merge", "run"):
-        merges = [cfg.merge.name or cfg.merge.method] + list(cfg.get("baselines") or {})
-        lines.append(f"  merge {cfg.merge.method}" + (f" (+ {', '.join(merges[1:])})" if merges[1:] else ""))
-    if c in ("eval", "run"):
-        lines.append(f"  eval {cfg.eval.suite}")
-    return lines
-
-
 @contextlib.contextmanager
-def job(run_dir: Path, cfg, record=None, point: str | None = None):
-    """One run (`point`: `#N overrides` of a sweep point): its log file (with what preflight
-    captured), the summary first, where the records are last."""
-    global _verbose
+def job(run_dir: Path, cfg, record=None, point: str | None = None, lines: list[str] = ()):
+    """One run (`point`: `#N overrides` of a sweep point, whose lines are tagged `[#N] `): its
+    log file (with what preflight captured), `lines` (the config's summary) first, where the
+    records are last."""
+    global _verbose, _tag
     _verbose = _verbose or bool(cfg.get("verbose", False))
     _close()
     _open(Path(run_dir) / LOG_NAME)
     if record is not None:
         record.extra["log"] = LOG_NAME
-    for line in summary(cfg, point):
+    _tag = f"[{point.split()[0]}] " if point else ""
+    for line in lines:
         echo(line)
     try:
         yield
@@ -259,4 +244,5 @@ def job(run_dir: Path, cfg, record=None, point: str | None = None):
             echo(f"polyft: failed; the log is {Path(run_dir) / LOG_NAME}", err=True)
         raise
     finally:
+        _tag = ""
         _close()

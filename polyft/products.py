@@ -21,15 +21,31 @@ from polyft.adapters.flix import feature_values
 from polyft.config.experiment import expert_cfg, merge_cfg, merge_names, unproduced_refs
 from polyft.config.rules import check_data
 from polyft.config.schema import DataConfig, option_file
+from polyft.data.formatting import ENCODING
 from polyft.data.mixture import load_mixture
 from polyft.errors import ConfigError, MissingArtifactError, PolyftError
 from polyft.merge import io, registry
 from polyft.models.load import builds_tiny, is_offline, resolve_model_path
+from polyft.models.names import slug
 from polyft.runs import ArtifactStore, config_hash, fingerprint, read_manifest
 from polyft.training import lora_alpha
 
 MERGED = "merged"  # the store kind of merges
-_LOG_ONLY = ("logging_steps", "name", "save_total_limit")
+_LOG_ONLY = ("logging_steps", "name", "eval_steps", "save_total_limit")
+# Keys added after products were stored: left out of the key at their default, so that every
+# product made before keeps its hash.
+_NEW_DATA = {"validation_ratio": 0.0}
+_NEW_SOURCE = {"messages_field": None, "system": None, "validation": False}
+
+
+def _without_defaults(d: dict, defaults: dict) -> dict:
+    return {k: v for k, v in d.items() if not (k in defaults and v == defaults[k])}
+
+
+def data_key(data_cfg) -> dict:
+    d = _without_defaults(OmegaConf.to_container(data_cfg, resolve=True), _NEW_DATA)
+    d["sources"] = {n: _without_defaults(s, _NEW_SOURCE) for n, s in d["sources"].items()}
+    return d
 REF_KEYS = ("models", "base", "middle", "outer", "config_source", "tokenizer_source")
 
 
@@ -50,10 +66,28 @@ class TrainPlan:
 
 
 def product_name(cfg) -> str:
+    """The readable part of a trained product's directory name (the hash follows it): an
+    expert's name, the user's `name=`, else <model>-<adapter and rank>[-<quant>]-<data>,
+    e.g. tiny-llama-lora-r8-demo. Not part of the key: renaming never retrains."""
     if cfg.get("expert"):
         return str(cfg.expert)
+    if cfg.get("name"):
+        return str(cfg.name)
+    a = cfg.adapter
+    if a.type == "full":
+        adapter = "full"
+    elif a.type == "flix":
+        adapter = "flix-" + "-".join(f"{t}{a.ranks[t]}" for t in a.features if t in a.ranks)
+    else:
+        adapter = f"{'dora' if a.dora else 'lora'}-r{a.r}"
     quant = f"-{cfg.quant.name}" if cfg.quant.bits else ""
-    return f"{cfg.model.name}-{cfg.adapter.type}{quant}"
+    return slug(f"{cfg.model.name}-{adapter}{quant}-{cfg.data.name}")
+
+
+def run_name(p: TrainPlan) -> str:
+    """What a trained product is called outside the store (its W&B run, its TensorBoard
+    directory): the name of its store directory, so a run and its product find each other."""
+    return p.store.path_for(p.kind, p.name, p.key).name
 
 
 def train_key(cfg, model_path: str) -> dict:
@@ -65,11 +99,15 @@ def train_key(cfg, model_path: str) -> dict:
     if model.get("attn_implementation") is None:  # likewise
         model.pop("attn_implementation", None)
     key = {"model": model, "quant": OmegaConf.to_container(cfg.quant, resolve=True),
-           "data": OmegaConf.to_container(cfg.data, resolve=True),
+           "data": data_key(cfg.data),
            "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                      if k not in _LOG_ONLY},
-           "seed": cfg.seed, "merge_back": cfg.merge_back}
+           "seed": cfg.seed, "merge_back": cfg.merge_back, "encoding": ENCODING}
     key["adapter"] = adapter_key(cfg.adapter)
+    # how the work is laid out over processes, not what it computes: product hashes stay as they were
+    key["train"].pop("fsdp", None)
+    if key["quant"].get("quant_storage") is None:
+        key["quant"].pop("quant_storage", None)
     return key
 
 
@@ -202,6 +240,8 @@ class Refs:
             node = OmegaConf.load(f)
         if not isinstance(node, (dict, DictConfig)):
             return None
+        if isinstance(node, DictConfig):  # interpolations (data.seed: ${seed}) resolve against the run's config
+            node = OmegaConf.to_container(node, resolve=True)
         dc = OmegaConf.merge(OmegaConf.structured(DataConfig), node)
         check_data(dc)
         return load_mixture(dc, is_offline(self.cfg.offline)), dc.max_length

@@ -180,6 +180,56 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+# ---------------------------------------------------------------- base references
+# An adapter names its base in base_model_name_or_path (adapter_config.json, flix_config.json).
+# When both sit under one output root, the reference is relative to the adapter's directory:
+# a store moved or copied as a whole (rsync to a cluster, another checkout) keeps working,
+# and every polyft reader resolves it with `resolve_base`, from any working directory.
+BASE_REF_FILES = ("adapter_config.json", "flix_config.json")
+
+
+def base_reference(product_dir: str | os.PathLike, base: str, root: str | os.PathLike) -> str:
+    """What an adapter in `product_dir` records as its base: the path relative to the adapter
+    when both lie under `root` (the output root), else `base` as given (an absolute path or a
+    hub id). `product_dir` may be the build's temporary directory: a sibling of the final one,
+    so the relative path is the same."""
+    b = Path(base)
+    if not b.is_absolute() and not b.exists():
+        return base  # a hub id
+    b, d, r = b.resolve(), Path(product_dir).resolve(), Path(root).resolve()
+    if not (b.is_relative_to(r) and d.is_relative_to(r)):
+        return base
+    return os.path.relpath(b, d)
+
+
+def resolve_base(adapter_dir: str | os.PathLike, ref: str | None) -> str | None:
+    """An adapter's base reference as a usable path: a relative one is taken from the adapter's
+    directory, whatever the working directory; anything else as it is (absolute paths, hub
+    ids, a reference another tool wrote relative to its working directory)."""
+    if not ref or Path(ref).is_absolute():
+        return ref
+    here = Path(adapter_dir) / ref
+    return str(here.resolve()) if here.exists() else ref
+
+
+def rebase(product_dir: Path, source: Path, final: Path, root: str | os.PathLike) -> None:
+    """The base references of `product_dir` (written for `source`'s place; renamed to `final`
+    next) made right for `final`: relative under `root`, else absolute."""
+    for name in BASE_REF_FILES:
+        f = product_dir / name
+        if not f.is_file():
+            continue
+        conf = json.loads(f.read_text())
+        ref = conf.get("base_model_name_or_path")
+        base = resolve_base(source, ref)
+        if not base or not Path(base).exists():
+            continue  # a hub id, or a base that is gone: left as written
+        new = base_reference(final, base, root)
+        if new != ref:
+            conf["base_model_name_or_path"] = new
+            f.write_text(json.dumps(conf, indent=2, sort_keys=name == "flix_config.json"))
+
+
 @dataclass
 class ArtifactStore:
     """Products keyed by (kind, name, hash of the config part that determines them)."""
@@ -194,12 +244,37 @@ class ArtifactStore:
 
     def find(self, kind: str, name: str, key: dict, target: str | os.PathLike | None = None) -> Path | None:
         """The product if it is built: at `target` (an output_dir, holding this key's hash)
-        or in the store."""
+        or in the store, under its name or, made under another name (the name is no part of
+        the key: a `name=` or a naming scheme of an earlier polyft), under that one."""
         if target is not None:
             manifest = read_manifest(target)
             return Path(target) if manifest and manifest.get("hash") == config_hash(key) else None
         path = self.path_for(kind, name, key)
-        return path if read_manifest(path) else None
+        if read_manifest(path):
+            return path
+        digest = config_hash(key)
+        for other in sorted((self.root / kind).glob(f"*-{digest}")):
+            if (read_manifest(other) or {}).get("hash") == digest:
+                return other
+        return None
+
+    def copy_to(self, found: Path, target: Path) -> Path:
+        """A stored product copied to `target` (an output_dir), atomically: a whole copy or
+        none. A copy, not a link: what the user does to their directory never reaches the store."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and any(target.iterdir()):
+            raise PolyftError(f"output_dir {target} already exists and is not empty; "
+                              "remove it or choose another path")
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        try:
+            shutil.copytree(found, tmp, dirs_exist_ok=True)
+            rebase(tmp, found, target, self.root.parent)
+            if target.exists():
+                target.rmdir()
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
 
     def obtain(self, kind: str, name: str, key: dict, make: Callable[["Build"], Any],
                target: str | os.PathLike | None = None) -> "Obtained":
@@ -217,6 +292,9 @@ class ArtifactStore:
             found = self.find(kind, name, key, target)
             if found is not None:
                 return Obtained(found, True)
+            stored = self.find(kind, name, key) if target is not None else None
+            if stored is not None:  # made before into the store: output_dir gets a copy
+                return Obtained(self.copy_to(stored, Path(target)), True, copied_from=stored)
             with self.build(kind, name, key, target=target) as build:
                 result = make(build)
             return Obtained(build.dir, False, result)
@@ -276,6 +354,7 @@ class Obtained:
     path: Path
     reused: bool
     result: Any = None  # what `make` returned (None when reused)
+    copied_from: Path | None = None  # the stored product an output_dir was copied from
 
 
 @dataclass

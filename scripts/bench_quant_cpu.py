@@ -45,7 +45,7 @@ def seconds_per_step(quant: str, steps: int, r: int, root: Path) -> float:
             stamps.append(time.perf_counter())
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{quant}-", dir=root))
-    trainer = SFTTrainer(model=model, args=sft_config(cfg, run_dir / "work", run_dir, False),
+    trainer = SFTTrainer(model=model, args=sft_config(cfg, run_dir / "work", [], run_dir.name, False),
                          train_dataset=dataset.remove_columns(["lang", "task"]), processing_class=tok,
                          peft_config=peft_config, callbacks=[Clock()])
     trainer.train()

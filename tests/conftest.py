@@ -30,6 +30,7 @@ CACHE_ROOT = Path(os.environ.get("POLYFT_TEST_CACHE", REPO / "outputs" / "test-c
 # loadgroup): the SLURM tests start, stop and restart one cluster; test_real_model's module
 # fixtures train SmolLM2 once for the module.
 GROUPS = {"test_slurm.py": "slurm", "test_real_model.py": "real_model"}
+GROUPS["test_slurm_multinode.py"] = "slurm"  # its cluster's daemons must not meet test_slurm's stop checks
 # The longest tests (from --durations under xdist) start first, so that no worker is
 # left with one of them at the end while the other has nothing to do.
 SLOW_FIRST = [
@@ -40,12 +41,15 @@ SLOW_FIRST = [
     "test_run.py::test_each_command_runs_its_own_stage",
     "test_real_model.py",
     "test_slurm.py",
+    "test_slurm_multinode.py",
     "test_train.py::test_default_train_is_lora_on_tiny_model",
     "test_eval_equivalence.py::test_custom_task_equals_lm_eval_on_smollm2",
     "test_flix_cli.py::test_flix_demo_end_to_end_compose_and_eval_equality",
     "test_console.py::test_train_console_is_quiet_and_verbose_brings_the_logs_back",
     "test_train.py::test_sweep_one_artifact_per_point_and_rerun_trains_nothing",
-    "test_train.py::test_two_process_ddp_on_cpu",
+    "test_distributed.py::test_ddp_two_processes_equal_one_at_the_same_global_batch",
+    "test_distributed.py::test_fsdp_full_model_is_sharded_on_cpu_and_saved_whole",
+    "test_distributed.py::test_qlora_fsdp_shards_the_4bit_base",
     "test_console.py::test_multirun_points_each_log_into_their_own_run_dir",
     "test_lorahub.py::test_transfer_demo_prints_three_strategies_then_reuses_every_stage",
     "test_user_configs.py::test_project_runs_with_config_dir_searchpath_and_multirun",
@@ -425,3 +429,31 @@ def smollm2_dir(cache_root, smollm2_gguf) -> Path:
     cache (outputs/models of the `cli` fixture's runs is the same directory), so later
     sessions and `polyft ... model=smollm2-135m` in tests reuse it."""
     return _smollm2_dir(cache_root, smollm2_gguf)
+
+
+# ------------------------------------------------------------------ a model of the user's own
+
+def hf_model_dir(dst: Path, tokenizer_from: Path, layers: int = 3, chat_template: bool = True) -> Path:
+    """A small random Llama saved as a plain Hugging Face directory (not a polyft preset),
+    with the tokenizer of `tokenizer_from` (chat_template=False: one that ships none)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    if not chat_template:
+        tok.chat_template = None
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if not chat_template:
+        (tmp / "chat_template.jinja").unlink(missing_ok=True)
+    tmp.rename(dst)
+    return dst

@@ -19,7 +19,6 @@ import json
 import typing
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import assert_user_error

@@ -48,11 +48,11 @@ def test_train_console_is_quiet_and_verbose_brings_the_logs_back(cli, tiny_llama
     assert_quiet_console(quiet, run_dir, max_lines=8)
     out = quiet.stdout
     assert "polyft train seed=0" in out and "train demo: 2 steps" in out, out
-    assert re.search(r"^polyft: training adapter tiny-llama-lora \.\.\.$", out, re.M), out
-    assert re.search(r"^polyft: adapter tiny-llama-lora written to \S+ \(\d+\.\d s\)$", out, re.M), out
+    assert re.search(r"^polyft: training adapter tiny-llama-lora-r8-demo \.\.\.$", out, re.M), out
+    assert re.search(r"^polyft: adapter tiny-llama-lora-r8-demo written to \S+ \(\d+\.\d s\)$", out, re.M), out
     log = log_of(run_dir)
     assert "{'loss'" in log and "{'train_runtime'" in log  # the trainer's lines went to the log
-    assert "polyft: training adapter tiny-llama-lora ..." in log  # polyft's own lines too, in order
+    assert "polyft: training adapter tiny-llama-lora-r8-demo ..." in log  # polyft's own lines too, in order
     # polyft passes TrainingArguments activation_checkpointing (config key train.gradient_checkpointing)
     assert "`gradient_checkpointing` is deprecated" not in log
 
@@ -143,3 +143,55 @@ def test_one_bar_for_eval_requests_and_merge_tensors_on_a_terminal_only(cli, tin
     piped = cli("eval", "eval=demo", "eval.limit=8", "logger=none", "seed=1")
     assert piped.returncode == 0, piped.stderr[-2000:]
     assert "%|" not in console_of(piped)
+
+
+def test_training_bar_shows_the_loss_on_a_terminal(cli, tiny_llama_dir):
+    shown = on_terminal(["train", "train.max_steps=3", "train.logging_steps=1", "logger=none"], cli.cwd)
+    record = json.loads(sorted((cli.cwd / "outputs" / "runs").rglob("run.json"))[-1].read_text())
+    frames = shown.replace("\r", "\n").splitlines()
+    bars = [f for f in frames if re.search(r"polyft: training: +\d+%\|", f)]
+    assert bars, shown
+    logged = {f"loss {h['loss']:.4g}" for h in record["history"]}
+    assert any(any(text in f for text in logged) for f in bars), (logged, bars)
+
+
+def compose_in_process(command: str, *overrides: str, dirs=()):
+    from polyft.cli.compose import compose
+
+    return compose(command, list(overrides), dirs=list(dirs))
+
+
+def test_summary_lines_say_what_runs(tmp_path):
+    from polyft.config.summary import lines
+
+    demo = "\n".join(lines(compose_in_process("run", "+exp=demo")))
+    assert "  expert math: model tiny-llama, adapter full, quant none; data demo_math, train demo: 300 steps" in demo, demo
+    assert "  expert lang: model tiny-llama, adapter full, quant none; data demo_lang, train demo: 250 steps" in demo, demo
+    assert "lora" not in demo
+    merges = [line for line in demo.splitlines() if line.startswith("  merge ")]
+    assert merges == ["  merge swap (layer_swap): middle math, outer lang, bottom 1, top 1",
+                      "  merge soup (linear): math, lang", "  merge ties: math, lang"], demo
+    assert "  eval demo on base, math, lang, swap, soup, ties" in demo
+    # an experiment that names no merge: no merge line
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "solo.yaml").write_text("# @package _global_\nexp_name: solo\n"
+                                               "experts:\n  one: {data: demo_math}\n")
+    solo = lines(compose_in_process("run", "+exp=solo", f"config_dirs=['{tmp_path}']", dirs=[tmp_path]))
+    assert not [line for line in solo if "merge" in line], solo
+    assert "  expert one: model tiny-llama, adapter lora r=8 alpha=16" in "\n".join(solo)
+    # eval names a model by its whole path
+    path = "/data/a/rather/long/path/to/outputs/artifacts/adapter/tiny-llama-lora-505484374205"
+    assert f"  eval demo on {path}" in lines(compose_in_process("eval", f"eval.model={path}"))[1]
+
+
+def test_eval_table_labels_are_whole_product_names():
+    from polyft.eval.harness import format_rows
+
+    row = {"task": "demo_words_en", "lang": "en", "metric": "acc", "filter": "none", "value": 0.5,
+           "stderr": 0.1, "n": 4}
+    a = "/x/outputs/artifacts/adapter/tiny-llama-lora-with-a-long-name-505484374205"
+    table = format_rows([{**row, "model": "base"}, {**row, "model": a}])
+    assert "\ntiny-llama-lora-with-a-long-name-505484374205 " in table, table
+    twins = ["/x/one/merged", "/x/two/merged"]  # the same last part: whole paths
+    table = format_rows([{**row, "model": m} for m in twins])
+    assert all(f"\n{m} " in table for m in twins), table

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "polyft"
 LAYERS = (
     ("base", ("polyft", "polyft.errors", "polyft.console", "polyft.checks", "polyft.runs")),
     ("libraries", ("polyft.data", "polyft.models", "polyft.adapters", "polyft.merge", "polyft.eval",
-                   "polyft.training")),
+                   "polyft.training", "polyft.tracking", "polyft.sharding")),
     ("config", ("polyft.config",)),
     ("products", ("polyft.products",)),
     ("commands", ("polyft.commands",)),

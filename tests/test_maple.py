@@ -279,12 +279,13 @@ def test_tables_mark_zero_shot_cells_only():
     assert f"| tuned | 50.0 | 25.0{ZERO_SHOT} | 0.0{ZERO_SHOT} |" in md, md
     assert "| base | 10.0 | 20.0 | — |" in md, md
     assert "zero-shot" in md.splitlines()[-1]
-    parsed = list(csv.reader(io.StringIO(to_csv(table))))
-    assert parsed[0][-1] == "zero_shot" and parsed[1][-1] == "" and parsed[2][-1] == "sw te"
-    assert parsed[2][2:4] == ["0.5", "0.25"]  # the cells stay numbers
+    parsed = list(csv.DictReader(io.StringIO(to_csv(rows))))  # the long CSV: a column of its own
+    assert [(r["row"], r["lang"], r["zero_shot"]) for r in parsed] == [
+        ("base", "en", ""), ("base", "sw", ""), ("tuned", "en", "false"), ("tuned", "sw", "true"), ("tuned", "te", "true")]
+    assert [r["value"] for r in parsed if r["row"] == "tuned"] == ["50", "25", "0"]  # the cells stay numbers
     assert r"25.0$^\dagger$" in to_latex(table) and r"50.0$^\dagger$" not in to_latex(table)
     (plain,) = build_tables([{**r, "zero_shot": None} for r in rows])
-    assert ZERO_SHOT not in to_markdown(plain) and "zero_shot" not in to_csv(plain)
+    assert ZERO_SHOT not in to_markdown(plain)
 
 
 def test_maple_real_report_marks_languages_the_run_did_not_train(cli, tiny_llama_dir):
@@ -302,5 +303,5 @@ def test_maple_real_report_marks_languages_the_run_did_not_train(cli, tiny_llama
     run_dir = sorted((cli.cwd / "outputs" / "runs").rglob("run.json"))[-1].parent
     rec = run_json(run_dir)
     assert rec["trained"]["tuned"]["train_langs"] == ["de", "en", "ja"]
-    table_csv = list(csv.reader(io.StringIO((run_dir / "report" / "table.csv").read_text())))
-    assert [r[-1] for r in table_csv if r[1] == "tuned"] == ["sw", "sw"]
+    results = list(csv.DictReader(io.StringIO((run_dir / "report" / "results.csv").read_text())))
+    assert {(r["lang"], r["zero_shot"]) for r in results if r["model"] == "tuned"} == {("en", "false"), ("sw", "true")}

@@ -30,7 +30,7 @@ def test_maple_sweep_prints_four_points_fast(cli):
     assert set(rows) == {"#0 adapter.r=8 quant=4bit", "#1 adapter.r=8 quant=none",
                          "#2 adapter.r=64 quant=4bit", "#3 adapter.r=64 quant=none"}, proc.stdout
     col = {name: i for i, name in enumerate(["point", "model", "trains", "trainable", "total", "bits", "weights",
-                                             "adapter", "grads", "optim", "acts", "acts ckpt", "peak", "fits"])}
+                                             "adapter", "grads", "optim", "acts", "acts ckpt", "gathered", "peak", "fits"])}
     r8, r64 = rows["#0 adapter.r=8 quant=4bit"], rows["#2 adapter.r=64 quant=4bit"]
     # LoRA on q,k,v,o of Llama-2-7B: 32 layers x 4 x r x (4096 + 4096) parameters
     assert r8[col["trainable"]] == f"{32 * 4 * 8 * 8192 / 1e6:.2f}M" and r64[col["trainable"]] == "67.11M"

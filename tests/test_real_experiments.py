@@ -88,3 +88,59 @@ def test_a_bad_slack_point_is_refused(smol_cli):
     proc = smol_cli("run", "+exp=merge_lowres_real", "-m", "merge.slack=0.1,1.5")
     assert_user_error(proc, "merge.slack=1.5")
     assert not (smol_cli.cwd / "outputs" / "artifacts").exists()
+
+
+# The powered tables of `make tables-real` (scripts/powered.sh NAME): each sweep as the script runs it.
+POWERED = {
+    "swap_powered_de": (["seed=0,1,2"], {"math", "lang"}),
+    "swap_powered_sw": (["seed=0,1,2"], {"math", "lang"}),
+    "transfer_powered": (["seed=0,1,2"], {"en", "fr", "es", "cont", "full_fewshot"}),
+    "ties_powered": ([], {"math", "ct"}),
+    "maple_powered": (["adapter.r=4,64", "quant=none,4bit"], {"tuned"}),
+    "flix_powered": ([], {"flix", "shared"}),
+}
+
+
+@pytest.mark.parametrize("exp", sorted(POWERED))
+def test_every_point_of_a_powered_table_validates(cli, exp):
+    sweep, experts = POWERED[exp]
+    proc = cli("plan", f"+exp={exp}", *(["-m", *sweep] if sweep else []), "plan.device=cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = plan_rows(proc.stdout) or [[c.strip() for c in line.strip("|").split("|")]
+                                      for line in proc.stdout.splitlines() if line.startswith("| 0 ")]
+    n_points = 1
+    for axis in sweep:
+        n_points *= len(axis.split("=", 1)[1].split(","))
+    assert len({r[0] for r in rows}) == n_points, proc.stdout
+    assert {r[1] for r in rows} == experts
+    assert not (cli.cwd / "outputs" / "runs").exists() and not (cli.cwd / "multirun").exists()
+
+
+def test_powered_script_has_lanes_for_every_table_of_make_tables_real():
+    from conftest import REPO
+
+    script = (REPO / "scripts" / "powered.sh").read_text()
+    make = (REPO / "Makefile").read_text()
+    tables = re.search(r"^TABLES \?= (.*)$", make, re.M).group(1).split()
+    assert sorted(tables) == sorted(POWERED)
+    for name in tables:
+        assert (REPO / "scripts" / "powered" / f"{name}.yaml").is_file(), name
+        case = re.sub(r"_(de|sw)$", "_*", name)
+        assert re.search(rf"^{re.escape(case)}\)", script, re.M), name
+
+
+def test_lorahub_shots_follow_the_seed_through_an_interpolated_data_config():
+    """transfer_powered's shots: merge.data is ${data}, whose seed is ${seed}; the LoraHub
+    search must read the seed's 16 shots, the same rows the few-shot arms train on."""
+    from polyft.cli.compose import compose
+    from polyft.config.experiment import expert_cfg
+    from polyft.data.mixture import load_mixture
+    from polyft.products import Refs
+
+    shots = {}
+    for seed in (1, 2):
+        cfg = compose("run", ["+exp=transfer_powered", f"seed={seed}"])
+        rows, max_length = Refs(cfg).data(cfg.merge.data)
+        assert rows == load_mixture(expert_cfg(cfg, "cont").data, True) and len(rows) == 16
+        shots[seed] = rows
+    assert shots[1] != shots[2]

@@ -107,6 +107,15 @@ def test_sweep_trains_each_expert_once_and_reports_a_heatmap(cli):
     assert img.shape[0] > 100 and img[..., :3].std() > 0.01
     table = (sweep / "report" / "table.md").read_text()
     assert len([l for l in table.splitlines() if l.startswith("| swap (")]) >= 4
+    # the points' lines tagged with their point, the table once, at the end
+    assert proc.stdout.count("### demo_arith") == 1, proc.stdout
+    assert proc.stdout.rindex("### demo_arith") > max(proc.stdout.rindex(f"[#{i}] ") for i in range(4))
+    for i in range(4):
+        assert f"[#{i}] polyft: records in {sweep / str(i)}" in proc.stdout
+    # the shipped experiment logs to W&B offline: every point's runs in the sweep's group
+    groups = {t["group"] for r in records for t in r.get("tracking", [])}
+    assert groups == {f"demo sweep {sweep.parent.name}/{sweep.name}"}, groups
+    assert f"wandb sync {sweep}/*/wandb/offline-run-*" in proc.stdout
 
 
 def _newest_runs(root: Path, since: float) -> list[Path]:

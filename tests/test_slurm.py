@@ -6,7 +6,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,55 @@ def test_stop_leaves_no_daemon_running(slurm_cluster):
     assert daemons() == []
     assert slurm("start").returncode == 0  # back up for whatever runs after
     assert set(daemons()) >= {"slurmctld", "slurmd", "munged"}
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie left for init to reap is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def processes(*names: str) -> dict[int, tuple[str, str]]:
+    """pid -> (name, command line) of the live processes called `names`."""
+    out = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            name = proc.joinpath("comm").read_text().strip()
+            if name in names and alive(int(proc.name)):
+                out[int(proc.name)] = (name, proc.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        except OSError:
+            pass
+    return out
+
+
+def test_stop_during_a_job_teardown_ends_the_hung_step_and_every_daemon(slurm_cluster, tmp_path):
+    """A job that ignores SIGTERM is cancelled, and while it tears down its slurmstepd hangs
+    (stopped here with SIGSTOP); `stop` then has to end the step, what it started, and the
+    daemons, and says what it killed."""
+    pidfile = tmp_path / "task.pid"
+    job = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "out"), "--wrap",
+                          f"trap '' TERM; echo $$ > {pidfile}; while :; do sleep 1; done"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    deadline = time.monotonic() + 60
+    while not (pidfile.is_file() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    task = int(pidfile.read_text())
+    step = [p for p, (_, cmd) in processes("slurmstepd").items() if f"[{job}." in cmd]
+    daemons = processes("slurmctld", "slurmscriptd", "slurmd", "munged")
+    assert len(step) == 1 and {n for n, _ in daemons.values()} == {"slurmctld", "slurmscriptd", "slurmd", "munged"}, \
+        (step, daemons)
+    subprocess.run(["scancel", job], check=True)
+    while subprocess.run(["squeue", "-h", "-j", job, "-o", "%t"], capture_output=True,
+                         text=True).stdout.strip() != "CG" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in step:
+        os.kill(p, signal.SIGSTOP)
+
+    proc = slurm("stop")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(rf"killed a hung job step: slurmstepd: \[{job}\.batch\] \(pid {step[0]}\)", proc.stderr), proc.stderr
+    left = {p: c for p, c in {**daemons, step[0]: "slurmstepd", task: "job script"}.items() if alive(p)}
+    assert left == {}
+    assert slurm("start").returncode == 0  # back up for whatever runs after

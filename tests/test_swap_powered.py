@@ -188,9 +188,9 @@ def test_gemma_preset_names_its_chunk_packages():
 # ---------------------------------------------------------------- the seed table and its rule
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("swap_powered_table", ROOT / "scripts" / "swap_powered_table.py")
+    spec = importlib.util.spec_from_file_location("powered_table", ROOT / "scripts" / "powered_table.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["swap_powered_table"] = mod
+    sys.modules["powered_table"] = mod
     spec.loader.exec_module(mod)
     return mod
 
@@ -210,19 +210,76 @@ def seed_cells(swap, math=0.3, lang=0.1, soup=0.2, base_num=0.0, lang_num=0.8, b
 
 def test_rule_appears_not_shown_reversed_and_precondition():
     m = load_script()
-    seeds = [0, 1, 2]
+    spec = m.read_spec("swap_powered_de")
+    seeds = spec["seeds"]
+    assert seeds == [0, 1, 2]
     big = {s: seed_cells(0.5) for s in seeds}
-    ok, _ = m.precondition(big, seeds, "de")
+    ok, _ = m.precondition(big, spec)
     assert ok == seeds
-    assert m.decide(big, ok, "toy_wordarith_de")[0] == "appears"
+    assert m.decide(big, ok, spec)[0] == "appears"
     # one seed's win alone is not enough
     mixed = {0: seed_cells(0.5), 1: seed_cells(0.31), 2: seed_cells(0.3)}
-    assert m.decide(mixed, seeds, "toy_wordarith_de")[0] == "not shown"
+    assert m.decide(mixed, seeds, spec)[0] == "not shown"
     low = {s: seed_cells(0.05) for s in seeds}
-    assert m.decide(low, seeds, "toy_wordarith_de")[0] == "reversed"
+    assert m.decide(low, seeds, spec)[0] == "reversed"
     # an expert that did not learn its skill: its seed is not read
     weak = {0: seed_cells(0.5, base_num=0.05, lang_num=0.07), 1: seed_cells(0.5, base_num=0.05, lang_num=0.03),
             2: seed_cells(0.5)}
-    ok, _ = m.precondition(weak, seeds, "de")
+    ok, _ = m.precondition(weak, spec)
     assert ok == [2]
-    assert m.decide(weak, ok, "toy_wordarith_de")[0] == "not testable"
+    assert m.decide(weak, ok, spec)[0] == "not testable"
+
+
+def test_rule_written_out_by_hand_on_one_comparison():
+    """The rule's numbers recomputed from its definition: mean difference against the larger
+    of the pooled item error and the seed spread, and the per-seed 2 SE count."""
+    import statistics
+
+    m = load_script()
+    data = {s: cells({("a", "t"): a, ("b", "t"): 0.30}) for s, a in zip((0, 1, 2), (0.42, 0.38, 0.33))}
+    verdict, line = m.compare(data, [0, 1, 2], "a", "b", "t")
+    ds = [0.12, 0.08, 0.03]
+    ses = [((a * (1 - a) / 199) + (0.3 * 0.7 / 199)) ** 0.5 for a in (0.42, 0.38, 0.33)]
+    se = max(sum(e * e for e in ses) ** 0.5 / 3, statistics.stdev(ds) / 3 ** 0.5)
+    wins = sum(d > 2 * e for d, e in zip(ds, ses))
+    expect = "appears" if sum(ds) / 3 > 2 * se and wins >= 2 else "not shown"
+    assert verdict == expect and f"mean {100 * sum(ds) / 3:+.1f}" in line and f"seeds > 2 SE: {wins}" in line
+    # one seed: the comparison is that seed's difference against its own 2 SE
+    one = {0: cells({("a", "t"): 0.42, ("b", "t"): 0.30})}
+    assert m.compare(one, [0], "a", "b", "t")[0] == ("appears" if 0.12 > 2 * ses[0] else "not shown")
+
+
+def test_every_spec_reads_and_names_its_experiment():
+    m = load_script()
+    from polyft.config.schema import option_names
+
+    for path in sorted((ROOT / "scripts" / "powered").glob("*.yaml")):
+        spec = m.read_spec(path.stem)
+        assert spec["exp"] in option_names("exp"), path
+        labels = {r["label"] for r in spec["rows"]}
+        tasks = {c["task"] for c in spec["cells"]}
+        for c in (spec.get("precondition") or []) + (spec.get("controls") or []) + spec["rule"]["compare"]:
+            refs = c["ref"] if isinstance(c["ref"], list) else [c["ref"]]
+            assert {c["row"], *refs} <= labels, (path, c)
+            assert c.get("task", spec["rule"].get("task")) in tasks, (path, c)
+
+
+def test_number_text_is_a_numbers_row_as_one_line_of_plain_text():
+    from polyft.data.synthetic import NUMBER_WORDS, generate
+
+    w = NUMBER_WORDS["sw"]
+    # every line a number-word instruction in Swahili followed by its right answer, written out here
+    right = ({f"Andika namba {n} kwa maneno. {w[n]}" for n in range(21)}
+             | {f"Namba gani inafuata {w[n]}? {w[n + 1]}" for n in range(20)}
+             | {f"Andika {w[n]} kwa tarakimu. {n}" for n in range(21)})
+    rows = generate("number_text", ["sw"], 60, 0)
+    assert all(r["prompt"] == "" and r["task"] == "lm" and r["response"] in right for r in rows)
+    assert len({r["response"] for r in rows}) > 20  # all three kinds, many numbers
+
+
+def test_toy_words_is_the_words_task_with_200_rows(tmp_path):
+    from polyft.eval.specs import FAMILIES
+
+    fam = {f.prefix: f for f in FAMILIES}
+    assert fam["toy_words"].test_rows == 200 and fam["toy_words"].generator == "instructions"
+    assert fam["toy_words"].template == fam["demo_words"].template

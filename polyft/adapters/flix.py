@@ -31,6 +31,7 @@ from pathlib import Path
 
 from polyft.adapters.lora import write_lora
 from polyft.errors import PolyftError
+from polyft.runs import resolve_base
 
 FEATURE_TYPES = ("task", "lang")  # the fields every training row carries (polyft.data.sources)
 CONFIG_FILE = "flix_config.json"
@@ -78,9 +79,11 @@ class FlixConfig:
         if not f.is_file():
             raise PolyftError(f"{key}={directory}: not a FLix adapter directory (no {CONFIG_FILE})")
         try:
-            return cls(**json.loads(f.read_text()))
+            cfg = cls(**json.loads(f.read_text()))
         except (json.JSONDecodeError, TypeError):
             raise PolyftError(f"{key}={directory}: {CONFIG_FILE} is not a FLix config") from None
+        cfg.base_model_name_or_path = resolve_base(directory, cfg.base_model_name_or_path)
+        return cfg
 
 
 def feature_values(rows: list[dict], features: list[str]) -> dict:
@@ -266,26 +269,30 @@ class FeatureCollator:
 
 # ---------------------------------------------------------------- save / load
 
-def state_tensors(model) -> dict:
-    """flix_model.safetensors names -> tensors (the LoRAs only)."""
+def state_tensors(model, state_dict: dict | None = None) -> dict:
+    """flix_model.safetensors names -> tensors (the LoRAs only), read from the model or from
+    its gathered `state_dict` (a model sharded over processes holds only its shards)."""
     cfg = model.flix_config
     out = {}
     for name, layer in flix_layers(model).items():
         for key, a in layer.lora_A.items():
             ftype, i = key.rsplit("_", 1)
+            b = layer.lora_B[key]
+            if state_dict is not None:
+                a, b = state_dict[f"{name}.lora_A.{key}"], state_dict[f"{name}.lora_B.{key}"]
             out[f"{name}.lora_A.{ftype}.{i}"] = a.detach().float().cpu()
-            out[f"{name}.lora_B.{ftype}.{i}"] = layer.lora_B[key].detach().float().cpu()
+            out[f"{name}.lora_B.{ftype}.{i}"] = b.detach().float().cpu()
     assert set(cfg.modules) == set(flix_layers(model)), "FLix layers changed since inject()"
     return out
 
 
-def save(model, directory) -> None:
+def save(model, directory, state_dict: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model.flix_config.save(d)
-    save_file({k: v.contiguous() for k, v in state_tensors(model).items()}, str(d / WEIGHTS_FILE),
+    save_file({k: v.contiguous() for k, v in state_tensors(model, state_dict).items()}, str(d / WEIGHTS_FILE),
               metadata={"format": "pt"})
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from polyft.errors import PolyftError
 from polyft.merge.io import TOKENIZER_FILES, has_tokenizer
+from polyft.runs import resolve_base
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -51,6 +52,8 @@ def read_lora_config(path: str | os.PathLike, key: str) -> dict:
         conf = json.loads(conf_file.read_text())
     except json.JSONDecodeError:
         raise PolyftError(f"{key}={p}: {CONFIG_FILE} is not valid JSON") from None
+    if conf.get("base_model_name_or_path"):  # relative to the adapter, wherever polyft runs
+        conf["base_model_name_or_path"] = resolve_base(p, conf["base_model_name_or_path"])
     if conf.get("peft_type", "LORA") != "LORA" or conf.get("use_dora"):
         raise PolyftError(f"{key}={p}: a {conf.get('peft_type')} adapter{' with DoRA' if conf.get('use_dora') else ''}; "
                           "only plain LoRA adapters are allowed here")

@@ -26,6 +26,7 @@ import logging.config
 import os
 import re
 import sys
+import warnings
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -34,6 +35,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from polyft.config.schema import CONF_DIR, RootConfig, SourceConfig
 from polyft.errors import PolyftError
+
+# polyft's hydra/launcher/submitit_local.yaml has the name of hydra-submitit-launcher's own
+# structured config, so Hydra validates it against that schema (all its keys are the schema's)
+# and warns that matching by name is deprecated; the match is wanted, the warning is noise.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_local' is validated against ConfigStore",
+                        category=UserWarning)
 
 GROUPS = ("model", "adapter", "quant", "data", "train", "logger", "merge", "eval", "exp")
 _HYDRAS: dict = {}
@@ -374,6 +381,9 @@ def _env_override(env):
                 os.environ[k] = v
 
 
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
 def hydra_info(command: str, overrides: list[str], flags: list[str], dirs: list[Path]) -> int:
     """--info and --shell-completion: Hydra's own, through hydra.main, with the user's
     directories on its search path."""
@@ -387,6 +397,9 @@ def hydra_info(command: str, overrides: list[str], flags: list[str], dirs: list[
     if dirs:
         overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.searchpath")]
         overrides.append(f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]")
+    for info in {"--info", "-i"} & set(flags):  # its optional value: the word after it, else all
+        topic = overrides.pop(0) if overrides and overrides[0] in INFO_TOPICS else "all"
+        flags.insert(flags.index(info) + 1, topic)
     sys.argv = [f"polyft-{command}", *flags, f"command={command}", *overrides]  # Hydra's parser: flags first
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(lambda cfg: None)()
     return 0

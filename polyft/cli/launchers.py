@@ -9,7 +9,10 @@ What they add to hydra-submitit-launcher, whose presets are conf/hydra/launcher/
 - a point that fails (an error, or killed by the cluster: memory, time) is reported with
   its log path once every point has ended, instead of stopping the sweep at the first
   failure; the report over the finished points is still written, and the command exits 1;
-- job states come from squeue, never sacct, which clusters without accounting refuse.
+- job states come from squeue, never sacct, which clusters without accounting refuse;
+- a point over several nodes (`nodes` > 1) is one job whose batch script runs the command
+  once, on the first node (no srun around it); the command spreads each training over the
+  allocation itself (polyft.commands.multinode).
 
 `check_launcher` holds the rules for launcher values; the CLI runs it before submitting.
 """
@@ -28,6 +31,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from omegaconf import OmegaConf
 
 from polyft.checks import Custom, Flag, Items, Number, Text
+from polyft.commands.multinode import check_nodes
 from polyft.commands.plan import fit_resources
 from polyft.errors import ConfigError
 
@@ -129,6 +133,8 @@ def submitit_params(launcher: dict, executor: str) -> dict:
         params["gpus_per_node"] = None  # no --gpus-per-node at all: a CPU-only cluster rejects even 0
     if executor == "local":
         return {k: v for k, v in params.items() if k in _BASE_KEYS}
+    if (params.get("nodes") or 1) > 1:
+        params["use_srun"] = False  # srun per node is the training's own (commands.multinode)
     return {k if k in _BASE_KEYS else f"{executor}_{k}": v for k, v in params.items()}
 
 
@@ -161,6 +167,8 @@ class _PerPointLauncher:
                 launcher.update(fit_resources(point, launcher))
             launcher.update(OmegaConf.to_container(point.resources, resolve=True))
             check_launcher(launcher, f"point #{idx}: hydra.launcher")
+            if self._EXECUTOR == "slurm":
+                check_nodes(point, launcher, f"point #{idx}: hydra.launcher")
             print(f"polyft: point #{idx} {' '.join(filter_overrides(overrides))}", file=sys.stderr)
             key = repr(sorted(launcher.items()))
             groups.setdefault(key, [launcher, []])[1].append(
@@ -180,7 +188,7 @@ class _PerPointLauncher:
             ret, why = None, None
             if job.paths.result_pickle.exists():
                 try:
-                    ret = job.results()[0]
+                    ret = (job.task(0) if job.num_tasks > 1 else job).result()  # task 0 runs the command
                 except Exception as exc:  # the job raised: submitit keeps its traceback
                     why = _last_line_of(str(exc))
                 if ret is not None and ret.status == JobStatus.FAILED:

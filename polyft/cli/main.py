@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from polyft import console
+from polyft.cli.help import HYDRA_FLAGS, command_help, usage
 from polyft.commands import COMMANDS, module
-from polyft.config.schema import CONF_DIR, option_names
 from polyft.errors import PolyftError
 
 # Hydra flags that take no value / one value; they are not overrides.
@@ -26,47 +26,14 @@ _FLAGS0 = {"-m", "--multirun", "--resolve", "--hydra-help", "--info", "-i", "--s
 _FLAGS1 = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
            "--experimental-rerun", "--run"}
 PREFLIGHT_POINTS = 256
-# The config groups each command reads, for its --help.
-GROUPS = {
-    "train": ("model", "adapter", "quant", "data", "train", "logger", "exp"),
-    "merge": ("merge", "model", "exp"),
-    "eval": ("eval", "model", "quant", "exp"),
-    "run": ("model", "adapter", "quant", "data", "train", "logger", "merge", "eval", "exp"),
-    "report": ("exp",),
-    "plan": ("model", "adapter", "quant", "data", "train", "exp"),
-}
-HYDRA_FLAGS = """Hydra flags:
-  -m, --multirun              sweep: a=1,2 b=x,y runs every point (hydra/launcher=joblib|slurm|submitit_local)
-  --cfg job|hydra|all         print the composed config and exit (--resolve: interpolations resolved;
-                              -p KEY: one package of it)
-  --info                      Hydra's account of the search path and defaults, and exit
-  --config-dir DIR, -cd DIR   your own config groups (also ./conf, hydra.searchpath=[file://DIR])"""
 
 
-def usage() -> str:
-    width = max(len(n) for n in COMMANDS) + 2
-    lines = [f"  {c.name:<{width}} {c.help.format(merge_methods=', '.join(merge_methods()))}"
-             for c in COMMANDS.values()]
-    return ("usage: polyft COMMAND [+exp=NAME] [group=option ...] [key=value ...] [-m]\n\ncommands:\n"
-            + "\n".join(lines) + "\n\n`polyft COMMAND --help` lists the config groups and options of a command.")
+def is_override(arg: str) -> bool:
+    """`key=value` whose key is a key of the config (r=8 in `polyft ls lora r=8` is not)."""
+    from polyft.config.schema import RootConfig
 
-
-def merge_methods() -> list[str]:
-    from polyft.merge import registry
-
-    return registry.names()
-
-
-def command_help(command: str, dirs: list[Path]) -> str:
-    c = COMMANDS[command]
-    groups = "\n".join(f"  {g}: {', '.join(option_names(g, dirs))}" for g in GROUPS[command])
-    searched = ", ".join(str(d) for d in [CONF_DIR, *dirs])
-    return (f"usage: polyft {command} [+exp=NAME] [group=option ...] [key=value ...] [-m]\n\n"
-            f"{c.help.format(merge_methods=', '.join(merge_methods()))}\n\n"
-            + (f"{c.details}\n\n" if c.details else "")
-            + f"config groups (group=option; searched: {searched}):\n{groups}\n\n"
-            "Any key of the composed config can be set (key=value); `--cfg job` shows them.\n\n"
-            + HYDRA_FLAGS)
+    key, eq, _ = arg.lstrip("+~").partition("=")
+    return bool(eq) and (key.split(".")[0] in RootConfig.__dataclass_fields__ or key.startswith("hydra"))
 
 
 def fail(message: str) -> None:
@@ -127,6 +94,10 @@ def check_launcher(cfg) -> None:
     from polyft.cli.launchers import check_launcher as check_values
 
     check_values(launcher, resources=dict(cfg.resources))
+    if ours and "Slurm" in str(launcher.get("_target_")):
+        from polyft.commands.multinode import check_nodes
+
+        check_nodes(job_config(cfg), {**launcher, **cfg.resources}, "hydra.launcher")
     if cfg.plan.fit and ours:
         from polyft.commands.plan import fit_resources
 
@@ -179,14 +150,20 @@ def preflight(command: str, configs: list) -> None:
 def run_command(cfg) -> None:
     """The task function (of polyft.cli.compose.run_job, or of Hydra's launchers): one run
     directory, one run.json, one command."""
+    from polyft import tracking
     from polyft.cli.compose import output_dir
     from polyft.config.rules import validate
     from polyft.config.schema import to_container
+    from polyft.config.summary import lines
     from polyft.runs import RunRecord
 
     run_dir = Path(output_dir())
     record = RunRecord(run_dir, cfg.command, to_container(cfg), seed=cfg.seed)
-    with console.job(run_dir, cfg, record, sweep_point()):
+    sweep = sweep_info()
+    if sweep:  # the commands group their tracked runs by it, and leave the tables to the sweep's end
+        record.extra["sweep"] = sweep
+    point = sweep["point"] if sweep else None
+    with console.job(run_dir, cfg, record, point, lines(cfg, point)):
         try:
             validate(cfg)  # again for each point a launcher composed; cheap and pure
             module(cfg.command).command(cfg, record)
@@ -197,10 +174,12 @@ def run_command(cfg) -> None:
             record.finish("failed", f"{type(exc).__name__}: {exc}")
             raise
         record.finish("ok")
+        for line in tracking.console_lines(record.extra.get("tracking", []), run_dir):
+            console.echo(line)
 
 
-def sweep_point() -> str | None:
-    """`#N overrides` of a sweep point (None outside a sweep)."""
+def sweep_info() -> dict | None:
+    """{"dir": the sweep's directory, "point": `#N overrides`} of a sweep point (None outside a sweep)."""
     if "hydra.core.hydra_config" not in sys.modules:
         return None  # Hydra not even imported: a single run by polyft's runner
     from hydra.core.hydra_config import HydraConfig
@@ -208,9 +187,9 @@ def sweep_point() -> str | None:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    job = HydraConfig.get().job
-    task = [o for o in HydraConfig.get().overrides.task if not o.startswith("command=")]
-    return f"#{job.num} {' '.join(task)}".strip()
+    h = HydraConfig.get()
+    task = [o for o in h.overrides.task if not o.startswith("command=")]
+    return {"dir": str(Path(h.sweep.dir).resolve()), "point": f"#{h.job.num} {' '.join(task)}".strip()}
 
 
 def print_config(cfg, flags: list[str]) -> None:
@@ -252,22 +231,29 @@ def run_cli(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if args[0] == "--hydra-help":
+        print(HYDRA_FLAGS)
+        return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         fail(f"unknown command '{command}'; use one of: {', '.join(COMMANDS)}")
     overrides, flags = split_args(rest)
+    words = [o for o in overrides if not is_override(o)] if command == "ls" else []  # ls's filters
+    overrides = [o for o in overrides if o not in words]
     try:
         from polyft.cli.compose import command_line
 
         overrides, dirs = command_line(flags, overrides)
         if {"--help", "-h"} & set(flags):
-            print(command_help(command, dirs))
+            print(command_help(command, overrides, dirs))
             return 0
         if "--hydra-help" in flags:
             print(HYDRA_FLAGS)
             return 0
         multirun = "-m" in flags or "--multirun" in flags
         printing = {"--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"} & set(flags)
+        if command == "ls" and not printing:
+            return list_products(overrides, dirs, words)
         if not COMMANDS[command].makes_run or printing:
             return print_only(command, overrides, flags, dirs, multirun)
         console.start(rest)
@@ -286,6 +272,13 @@ def run_cli(args: list[str]) -> int:
     return sweep_status()
 
 
+def list_products(overrides: list[str], dirs: list, words: list[str]) -> int:
+    """polyft ls: the config only for output_root (and an experiment's, if named)."""
+    from polyft.commands.ls import show
+
+    return show(job_config(composed_points("ls", overrides, dirs, False)[0]), words)
+
+
 def print_only(command: str, overrides: list[str], flags: list[str], dirs: list, multirun: bool) -> int:
     """plan (its table), --cfg and --info: composed and checked, printed, nothing written."""
     start = time.time()
@@ -295,9 +288,12 @@ def print_only(command: str, overrides: list[str], flags: list[str], dirs: list,
         return hydra_info(command, overrides, flags, dirs)
     configs = composed_points(command, overrides, dirs, multirun)
     if command == "plan":
+        from omegaconf import OmegaConf
+
         from polyft.commands.plan import show
 
-        show([(" ".join(o for o in p if o not in overrides), job_config(c))
+        show([(" ".join(o for o in p if o not in overrides), job_config(c),  # the launcher: nodes, GPUs
+               OmegaConf.to_container(c.hydra.launcher) if c.hydra.get("launcher") else None)
               for p, c in zip(sweep_points(overrides, multirun), configs)], multirun)
         print(f"polyft: planned {len(configs)} point(s) in {time.time() - start:.1f} s, nothing loaded",
               file=sys.stderr)

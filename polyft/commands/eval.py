@@ -25,8 +25,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from polyft import console
+from polyft import console, tracking
 from polyft.config.experiment import eval_models
+from polyft.config.schema import to_container
 from polyft.data.formatting import check_chat_template
 from polyft.errors import MissingArtifactError, PolyftError
 from polyft.eval import flix
@@ -42,7 +43,7 @@ from polyft.eval.harness import (
 )
 from polyft.eval.models import HFModels, ModelRef, artifact_label, describe, identity, order_by_base, tokenizer_source
 from polyft.eval.specs import TaskSpec, resolve_tasks
-from polyft.eval.vllm_backend import VLLMModels, check_available
+from polyft.eval.vllm_backend import VLLMModels, check_available, check_parallel
 from polyft.models.load import is_offline, set_offline_env
 from polyft.products import eval_refs, store
 from polyft.products import resolve_ref as model_ref
@@ -93,12 +94,13 @@ def plan(cfg, build: bool = True) -> Plan:
     offline = is_offline(cfg.offline)
     if offline:
         set_offline_env()  # before datasets/huggingface_hub are imported: fail fast, no retries
-    if e.backend == "vllm":
-        check_available()
-        if cfg.quant.bits:
-            raise PolyftError(f"quant={cfg.quant.name} is for eval.backend=hf; vLLM loads its own quantised weights")
+    if e.backend == "vllm" and cfg.quant.bits:
+        raise PolyftError(f"quant={cfg.quant.name} is for eval.backend=hf; vLLM loads its own quantised weights")
     models = [describe(ref, resolve_ref(cfg, ref, build), allow_pickle=cfg.allow_pickle, offline=offline)
               for ref in eval_refs(cfg)]
+    if e.backend == "vllm":
+        check_parallel(models, e.tensor_parallel_size, e.data_parallel_size)
+        check_available()
     specs = resolve_tasks(list(OmegaConf.to_container(e.tasks, resolve=True)),
                           langs=list(e.langs) if e.langs else None, include_path=e.include_path,
                           num_fewshot=e.num_fewshot, limit=e.limit,
@@ -160,7 +162,12 @@ def eval_key(cfg, m: ModelRef, specs: list[TaskSpec]) -> dict:
             **({"feature": s.task} if s.task else {}),
         })
     quant = OmegaConf.to_container(cfg.quant, resolve=True) if cfg.quant.bits else None
-    return {"suite": e.suite, "tasks": tasks, "model": identity(m),
+    # vLLM's numbers may move with the engine layout (sharded matmuls, batching); HF placement
+    # runs each layer whole on some GPU, the same computation. A layout other than one engine
+    # is named only when used, so the keys of earlier results still match.
+    parallel = ({"tensor_parallel_size": e.tensor_parallel_size, "data_parallel_size": e.data_parallel_size}
+                if e.backend == "vllm" and (e.tensor_parallel_size, e.data_parallel_size) != (1, 1) else None)
+    return {**({"parallel": parallel} if parallel else {}), "suite": e.suite, "tasks": tasks, "model": identity(m),
             "load": {"dtype": cfg.model.dtype, "revision": cfg.model.revision, "quant": quant,
                      "trust_remote_code": cfg.model.trust_remote_code,
                      **({"attn_implementation": a} if (a := cfg.model.get("attn_implementation")) else {})},
@@ -179,9 +186,12 @@ def _models(cfg, p: Plan):
     e = cfg.eval
     if e.backend == "vllm":
         return VLLMModels(p.models, dtype=cfg.model.dtype, batch_size=e.batch_size,
-                          trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed)
+                          trust_remote_code=cfg.model.trust_remote_code, seed=cfg.seed,
+                          tensor_parallel_size=e.tensor_parallel_size, data_parallel_size=e.data_parallel_size)
     return HFModels(cfg.model, cfg.quant, allow_pickle=cfg.allow_pickle, device=e.device,
-                    batch_size=e.batch_size, apply_chat_template=any(s.chat for s in p.specs))
+                    batch_size=e.batch_size, apply_chat_template=any(s.chat for s in p.specs),
+                    parallelize=e.parallelize, max_memory_per_gpu=e.max_memory_per_gpu,
+                    max_cpu_memory=e.max_cpu_memory)
 
 
 def evaluate_model(cfg, p: Plan, m: ModelRef, backend, build) -> list[dict]:
@@ -220,6 +230,7 @@ def command(cfg, record, show_rows: bool = True) -> None:
                    "apply_chat_template": s.chat, "data_files": s.data_files} for s in p.specs]}
     backend = []  # nothing heavy is loaded when all results exist
     rows_by_ref: dict[str, list[dict]] = {}
+    computed = []
     for m in order_by_base(p.models):
         since = []
 
@@ -235,9 +246,29 @@ def command(cfg, record, show_rows: bool = True) -> None:
             console.echo(f"polyft: eval of {m.ref} on {cfg.eval.suite} already done: {got.path}")
         else:
             rows = got.result
+            computed.append(m.ref)
             console.done(since[0], f"eval of {m.ref} on {cfg.eval.suite} written to {got.path}")
         rows_by_ref[m.ref] = rows
     record.metrics["results"] = [r for ref in eval_refs(cfg) for r in rows_by_ref[ref]]
+    if computed:  # a tracked run for work done: a rerun that reuses every result adds none
+        info = tracking.log_eval(cfg.logger, record.run_dir, tracked_run(cfg, p, record), record.metrics["results"])
+        if info:
+            record.extra.setdefault("tracking", []).append(info)
     record.save()
-    if show_rows:
+    if show_rows and not record.extra.get("sweep"):  # a sweep's tables come once, at its end
         console.echo(format_rows(record.metrics["results"]))
+
+
+def tracked_run(cfg, p: Plan, record) -> tracking.Tracked:
+    """The tracked run of an evaluation, in the group of the runs of the models it scores (the
+    experiment's, or the sweep's); `scored` names each model's product, which is also the
+    name of its training's run."""
+    sweep = record.extra.get("sweep")
+    label = cfg.exp_name or (_slug(artifact_label(p.models[0], cfg.model.name)) if len(p.models) == 1
+                             else f"{len(p.models)}-models")
+    name = f"eval-{_slug(cfg.eval.suite)}-{label}" + (sweep["point"].split()[0] if sweep else "")
+    config = {k: v for k, v in to_container(cfg).items() if k != "expert_root"}
+    scored = {m.ref: {"path": m.path, "product": Path(m.path).name if m.ref != "base" else None, "kind": m.kind}
+              for m in p.models}
+    return tracking.Tracked(name, tracking.group_name(cfg.exp_name, cfg.command, sweep), "eval",
+                            {"polyft": config, "scored": scored, **({"sweep_point": sweep["point"]} if sweep else {})})

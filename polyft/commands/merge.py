@@ -22,7 +22,7 @@ from polyft.merge import engine, io, registry
 from polyft.merge.engine import MergeSpec, merge_models
 from polyft.models.load import check_model_dir
 from polyft.products import MERGED, REF_KEYS, MergeInputs, Refs, merge_inputs, merge_key, store
-from polyft.runs import config_hash
+from polyft.runs import config_hash, rebase
 
 
 def _check_dir(key: str, path: Path, allow_pickle: bool) -> None:
@@ -123,6 +123,7 @@ def merge_one(cfg, record) -> None:
         since.append(console.started(f"merging {name} ({cfg.merge.method})"))
         if method.product == "adapter":
             result = method.build(cfg, build.dir, Refs(cfg))
+            rebase(build.dir, build.dir, build.dir, cfg.output_root)  # relative to a base in the store
             build.manifest.update(method=cfg.merge.method, product="adapter", **result.get("manifest", {}))
             return result.get("metrics", {})
         result = merge_models(merge_spec(cfg, inputs), build.dir,

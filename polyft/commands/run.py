@@ -14,8 +14,10 @@ from polyft import console
 from polyft.commands import eval as eval_command
 from polyft.commands import merge as merge_command
 from polyft.commands import report, train
+from polyft.config.experiment import check_swap_depths
 from polyft.config.schema import option_names
 from polyft.errors import PolyftError
+from polyft.models.load import model_depth
 
 
 def preflight(cfg) -> None:
@@ -25,6 +27,8 @@ def preflight(cfg) -> None:
         raise PolyftError("polyft run needs an experiment: +exp=NAME; available: "
                           + ", ".join(option_names("exp", cfg.config_dirs)))
     train.preflight(cfg)
+    # a model named by its path alone (model=hf) has its depth in its config.json, not the config
+    check_swap_depths(cfg, lambda m: model_depth(m, cfg.output_root, cfg.offline))
 
 
 def command(cfg, record) -> None:
@@ -33,9 +37,12 @@ def command(cfg, record) -> None:
     merge_command.command(cfg, record)
     eval_command.command(cfg, record, show_rows=False)  # the report table follows
     record.save()
-    rows = report.collect([{**record.as_dict(), "run_dir": str(record.run_dir)}])
-    out = Path(record.run_dir) / "report"
-    summary = report.write_report(rows, out, cfg.report.metric, cfg.merge.name or cfg.merge.method,
-                                  report.groups_of(cfg))
-    console.echo(summary["markdown"])
-    record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}
+    this_run = report.Scope([{**record.as_dict(), "run_dir": str(record.run_dir)}])
+    summary = report.report_runs(this_run, Path(record.run_dir) / "report", cfg, lenient=True)
+    if summary:
+        if record.extra.get("sweep"):  # the sweep's report comes once, at its end (polyft.cli.callbacks)
+            console.echo(f"polyft: report of this point in {summary['dir']}")
+        else:
+            console.echo(summary["markdown"])
+            console.echo(report.where(summary))
+        record.metrics["report"] = {k: v for k, v in summary.items() if k != "markdown"}

@@ -4,7 +4,8 @@ Reads top to bottom: `preflight` refuses, before a directory is made, what the f
 cannot run (the model directory, target modules, an adapter to continue, the data and its
 chat template); `command` trains the configured model, or each expert of an experiment,
 into the artifact store (skipped when the product exists; an interrupted run resumes from
-its last checkpoint). Several processes: the command re-launches itself under torchrun.
+its last checkpoint). Several processes: the command re-launches itself under torchrun;
+in a SLURM job over several nodes, under srun + torchrun on every node (commands.multinode).
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from polyft import console, training
-from polyft.config.schema import RootConfig
-from polyft.data.formatting import check_chat_template
+from polyft import console, sharding, tracking, training
+from polyft.commands import multinode
+from polyft.config.schema import RootConfig, to_container
+from polyft.data.formatting import check_chat_template, is_chat
 from polyft.data.mixture import load_mixture
 from polyft.data.sources import load_source
 from polyft.errors import ConfigError, PolyftError
 from polyft.models.gguf import source_of
-from polyft.models.load import builds_tiny, check_model_dir, is_offline, safetensors_names
-from polyft.products import existing_product, expert_config, init_dir, train_plan
+from polyft.models.card import card, command_line, overrides_of, write_card
+from polyft.models.load import (builds_tiny, check_model_dir, is_offline, looks_like_hub_id, model_config_json,
+                                safetensors_names)
+from polyft.products import existing_product, expert_config, init_dir, run_name, train_plan
 from polyft.runs import config_hash
 
 # Module names of the tiny models (they are Llama/Mistral layouts), checked without torch.
@@ -55,9 +60,14 @@ def _preflight_one(cfg) -> None:
     if a.type == "full" and cfg.quant.bits:
         raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
                           "quantised base is not possible (use adapter=lora)")
+    sharding.preflight(cfg)
     p = train_plan(cfg, build_model=False)
     if not builds_tiny(cfg.model):
         check_model_dir(p.model_path, "model.path", cfg.allow_pickle)
+        if looks_like_hub_id(p.model_path) and model_config_json(cfg.model, cfg.output_root, cfg.offline) is None:
+            raise PolyftError(f"model.path={p.model_path}: its config.json cannot be read from the hub (no "
+                              "connection, a gated model without a token, or no such repo); check the id, "
+                              "or download it and set model.path=/local/dir")
     _check_targets(cfg, p.model_path)
     init_file = "flix_config.json" if a.type == "flix" else "adapter_config.json"
     if a.init_from and a.init_from not in cfg.experts and not (Path(a.init_from) / init_file).is_file():
@@ -67,7 +77,7 @@ def _preflight_one(cfg) -> None:
         raise PolyftError(f"output_dir={p.target} exists and holds something else; remove it or "
                           "choose another path")
     rows = load_mixture(cfg.data, is_offline(cfg.offline))
-    if any(r["prompt"] for r in rows):  # prompt/response rows are rendered as chat turns
+    if any(is_chat(r) for r in rows):  # prompt/response rows and chats are rendered as chat turns
         check_chat_template(p.model_path, cfg.model.chat_template)
     if a.type == "flix":
         _check_flix_sources(cfg)
@@ -115,29 +125,41 @@ def train_one(cfg, record) -> None:
         record.extra["model_source"] = source_of(p.model_path)
     work_dir = p.store.work_dir(p.kind, p.name, p.key)  # checkpoints survive a killed run
     since = []
+    tracked = tracked_run(cfg, p, record)
+    if cfg.train.num_processes == 1 and cfg.train.distributed != "ddp":
+        console.echo(f"polyft: train.distributed={cfg.train.distributed} with one process: nothing to shard, "
+                     "trained as one process (set train.num_processes)")
 
     def make(build):
         since.append(console.started(f"training {p.kind} {p.name}"))
-        if cfg.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-            summary = relaunch(cfg, record.run_dir, work_dir, build.dir)
+        nodes = multinode.job_nodes()
+        if (cfg.train.num_processes > 1 or nodes > 1) and "LOCAL_RANK" not in os.environ:
+            summary = relaunch(cfg, record.run_dir, work_dir, build.dir, tracked, nodes)
         else:
             summary = training.train(cfg, p.model_path, work_dir, build.dir, record.run_dir,
-                                     init_dir(cfg) if cfg.adapter.init_from else None)
+                                     init_dir(cfg) if cfg.adapter.init_from else None, tracked)
         build.manifest.update(summary.pop("manifest"))
+        write_card(build.dir, model_card(cfg, p.name, build, record.run_dir))
         return summary
 
     got = p.store.obtain(p.kind, p.name, p.key, make, p.target)
     if got.reused:
-        record.add_artifact(p.kind, got.path, reused=True, name=p.name)
-        console.echo(f"polyft: {p.kind} {p.name} already trained: {got.path}")
+        copied = {"copied_from": str(got.copied_from.resolve())} if got.copied_from else {}
+        record.add_artifact(p.kind, got.path, reused=True, name=p.name, **copied)
+        console.echo(f"polyft: {p.kind} {p.name} already trained: " + (
+            f"copied {got.copied_from} to {got.path}" if got.copied_from else str(got.path)))
         return
     shutil.rmtree(work_dir, ignore_errors=True)
     summary = got.result
+    if summary.get("tracking"):
+        record.extra.setdefault("tracking", []).append(summary.pop("tracking"))
     history = summary.pop("history")
     if cfg.command == "train" and not cfg.experts:  # a single training: the run's own history
         record.history = history
         record.metrics.update(final_loss=history[-1]["loss"] if history else None,
                               first_loss=history[0]["loss"] if history else None)
+        if summary.get("eval_history"):  # the validation set's loss after the last step
+            record.metrics["eval_loss"] = summary["eval_history"][-1]["eval_loss"]
         record.extra["train"] = {**summary, "artifact": str(got.path)}
     else:  # one of an experiment's experts
         record.extra.setdefault("trained", {})[p.name] = {**summary, "artifact": str(got.path), "history": history}
@@ -145,16 +167,45 @@ def train_one(cfg, record) -> None:
     console.done(since[0], f"{p.kind} {p.name} written to {got.path}")
 
 
+def tracked_run(cfg, p, record) -> tracking.Tracked:
+    """The W&B / TensorBoard run of this training: named after the product, grouped by the
+    experiment or sweep, with polyft's composed config and the product's identity."""
+    sweep = record.extra.get("sweep")
+    config = {k: v for k, v in to_container(cfg).items() if k != "expert_root"}
+    product = {"kind": p.kind, "name": p.name, "hash": config_hash(p.key), "run_name": run_name(p)}
+    return tracking.Tracked(run_name(p), tracking.group_name(cfg.exp_name, cfg.command, sweep), "train",
+                            {"polyft": config, "product": product, **({"sweep_point": sweep["point"]} if sweep else {})})
+
+
+def model_card(cfg, name: str, build, run_dir) -> str:
+    """The product's README.md: the run's command line and, for an experiment's expert, the
+    command that trains that expert alone."""
+    overrides = overrides_of(run_dir)
+    made_by = command_line(cfg.command, overrides) if overrides is not None else None
+    alone = None
+    if overrides is not None and cfg.get("expert"):
+        alone = command_line("train", [o for o in overrides if not o.startswith("expert=")] + [f"expert={cfg.expert}"])
+    conf = next((build.dir / f for f in ("adapter_config.json", "flix_config.json") if (build.dir / f).is_file()), None)
+    base_ref = json.loads(conf.read_text()).get("base_model_name_or_path") if conf else None
+    return card(name, build.manifest, made_by, alone, run_dir, base_ref)
+
+
 # ---------------------------------------------------------------- several processes
 
-def relaunch(cfg, run_dir: Path, work_dir: Path, out_dir: Path) -> dict:
-    """Run the training under torchrun with N processes; rank 0 writes the product and the summary."""
+def relaunch(cfg, run_dir: Path, work_dir: Path, out_dir: Path, tracked: tracking.Tracked | None = None,
+             nodes: int = 1) -> dict:
+    """Run the training under torchrun with N processes (over `nodes` SLURM nodes: srun starts
+    a torchrun on each); rank 0 writes the product and the summary."""
     conf_file, result = run_dir / "train_config.yaml", run_dir / "train_result.json"
     OmegaConf.save(cfg, conf_file, resolve=True)
+    (run_dir / "train_tracked.json").write_text(json.dumps(asdict(tracked) if tracked else None, default=str))
     init = init_dir(cfg) if cfg.adapter.init_from else ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={cfg.train.num_processes}", "-m", "polyft.commands.train",
-           str(conf_file), str(result), str(work_dir), str(out_dir), init]
+    worker = ["-m", "polyft.commands.train", str(conf_file), str(result), str(work_dir), str(out_dir), init]
+    if nodes > 1:
+        cmd = multinode.srun_command(nodes, multinode.per_node(cfg.train.num_processes, nodes), worker)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={cfg.train.num_processes}", *worker]
     proc = subprocess.run(cmd, env={**os.environ, "POLYFT_WORKER": "1"})
     if proc.returncode != 0 or not result.exists():
         raise RuntimeError(f"distributed training failed (exit {proc.returncode}); see the log in {run_dir}")
@@ -163,9 +214,12 @@ def relaunch(cfg, run_dir: Path, work_dir: Path, out_dir: Path) -> dict:
 
 def _worker(conf_file: str, result_file: str, work_dir: str, out_dir: str, init: str) -> None:
     cfg = OmegaConf.merge(OmegaConf.structured(RootConfig), OmegaConf.load(conf_file))
+    run_dir = Path(result_file).parent
+    tracked = json.loads((run_dir / "train_tracked.json").read_text())
     summary = training.train(cfg, train_plan(cfg).model_path, Path(work_dir), Path(out_dir),
-                             Path(result_file).parent, init or None)
+                             run_dir, init or None, tracking.Tracked(**tracked) if tracked else None)
     if int(os.environ.get("RANK", "0")) == 0:
+        summary["nodes"] = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun agents that met
         Path(result_file).write_text(json.dumps(summary, default=str))
 
 

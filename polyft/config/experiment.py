@@ -93,13 +93,14 @@ def layer_count(model_cfg) -> int | None:
     return model_cfg.num_layers
 
 
-def _check_swap_depth(cfg: DictConfig, m, where: str) -> None:
-    """A layer swap of two experts fits their depth, when it is known from the config: a
-    sweep point that cannot be merged is refused before the experts train, not after (the
-    merge's preflight checks the trained models' headers too)."""
+def _check_swap_depth(cfg: DictConfig, m, where: str, depth=layer_count) -> None:
+    """A layer swap of two experts fits their depth, when it is known from the config (or,
+    from a command's preflight, `depth` reads the model's config.json): a sweep point that
+    cannot be merged is refused before the experts train, not after (the merge's preflight
+    checks the trained models' headers too)."""
     if m.method != "layer_swap" or m.middle not in cfg.experts:
         return
-    n = layer_count(expert_cfg(cfg, m.middle).model)
+    n = depth(expert_cfg(cfg, m.middle).model)
     used = m.bottom + m.top + m.transition_bottom + m.transition_top
     if n is not None and used > n:
         raise PolyftError(f"{where}.bottom + top + transition_bottom + transition_top = {used} layers, "
@@ -127,6 +128,13 @@ def unproduced_refs(cfg: DictConfig) -> list[tuple[str, str]]:
     return out
 
 
+def check_swap_depths(cfg: DictConfig, depth=layer_count) -> None:
+    """Every layer-swap merge of the experiment against its middle expert's depth."""
+    for name in merge_names(cfg):
+        where = "merge" if name == main_merge_name(cfg) and name not in cfg.baselines else f"baselines.{name}"
+        _check_swap_depth(cfg, merge_cfg(cfg, name).merge, where, depth)
+
+
 def validate_structure(cfg: DictConfig, validate_groups) -> None:
     """Structure only (no files): each expert composes and passes `validate_groups`, the
     expert a run selects exists, merges fit the experts' depth."""
@@ -140,6 +148,4 @@ def validate_structure(cfg: DictConfig, validate_groups) -> None:
         raise PolyftError(f"expert={cfg.expert}: not defined by exp={cfg.exp_name}; "
                           f"its experts: {', '.join(cfg.experts) or '(none)'}")
     if cfg.command in ("merge", "eval", "run"):
-        for name in merge_names(cfg):
-            where = "merge" if name == main_merge_name(cfg) and name not in cfg.baselines else f"baselines.{name}"
-            _check_swap_depth(cfg, merge_cfg(cfg, name).merge, where)
+        check_swap_depths(cfg)

@@ -9,6 +9,7 @@ Merge methods check their own parameters beside their maths (polyft.merge.regist
 from __future__ import annotations
 
 import math
+import re
 
 from omegaconf import DictConfig
 
@@ -17,8 +18,12 @@ from polyft.checks import choice
 from polyft.config import experiment, values
 from polyft.data.synthetic import GENERATORS, LANGS
 from polyft.data.xtremeup import LAYOUT, SPLITS, TASKS
-from polyft.errors import ConfigError
+from polyft.errors import ConfigError, PolyftError
 from polyft.merge import registry
+from polyft.merge.io import parse_size
+from polyft.sharding import deepspeed_names
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -74,10 +79,19 @@ def _check_adapter(a) -> None:
                               "(or set adapter.alpha_ratio: alpha = ratio * r)")
 
 
+def _check_quant(q) -> None:
+    if q.quant_storage is not None and q.bits != 4:
+        raise ConfigError(f"quant.quant_storage={q.quant_storage} is for 4-bit bases (quant=4bit); "
+                          "set quant.quant_storage=null")
+
+
 def check_data(d) -> None:
     values.check_group("data", d)  # also for a data mapping read on its own (LoraHub's shots)
     if not d.sources:
         raise ConfigError(f"data={d.name} has no sources; add at least one under data.sources")
+    if all(s.validation for s in d.sources.values()):
+        raise ConfigError(f"data={d.name}: every source has validation=true; at least one source must be "
+                          "trained on")
     for name, s in d.sources.items():
         key = f"data.sources.{name}"
         if s.type == "synthetic":
@@ -102,6 +116,33 @@ def check_data(d) -> None:
 def _check_train(t) -> None:
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
         raise ConfigError("train.max_steps must be > 0 (or -1 with train.epochs > 0)")
+    _check_sharding(t)
+
+
+def has_validation(d) -> bool:
+    return bool(d.validation_ratio) or any(s.validation for s in d.sources.values())
+
+
+def _check_name(name) -> None:
+    """A product name is one directory-name part."""
+    if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+        raise ConfigError(f"name={name} is not allowed; a product name takes letters, digits, '.', '_' "
+                          "and '-' (it becomes a directory name, followed by the config hash)")
+
+
+def _check_sharding(t) -> None:
+    shipped = ", ".join(deepspeed_names())
+    if t.distributed == "deepspeed" and not t.deepspeed_config:
+        raise ConfigError(f"train.distributed=deepspeed needs train.deepspeed_config: a shipped config "
+                          f"({shipped}) or a DeepSpeed JSON file")
+    if t.deepspeed_config and t.distributed != "deepspeed":
+        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config} is only read with "
+                          f"train.distributed=deepspeed (it is {t.distributed}); set one or the other")
+    f = t.fsdp
+    if f.wrap_layer_cls is not None and (not f.wrap_layer_cls or not all(
+            isinstance(c, str) and c.strip() for c in f.wrap_layer_cls)):
+        raise ConfigError(f"train.fsdp.wrap_layer_cls={f.wrap_layer_cls} is not allowed; name module "
+                          "classes (e.g. [LlamaDecoderLayer]) or null for the model's decoder layer")
 
 
 def _check_merge(m) -> None:
@@ -111,8 +152,38 @@ def _check_merge(m) -> None:
         method.rules(m)
 
 
+def _check_eval_parallel(e) -> None:
+    """Several GPUs: vLLM's tensor/data parallel sizes, or the HF model spread over devices."""
+    for key in ("tensor_parallel_size", "data_parallel_size"):
+        v = e[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"eval.{key}={v} is not allowed; it must be an integer >= 1")
+        if v > 1 and e.backend != "vllm":
+            raise ConfigError(f"eval.{key}={v} is for eval.backend=vllm; with eval.backend=hf spread the "
+                              "model over the GPUs with eval.parallelize=true")
+    if e.parallelize and e.backend != "hf":
+        raise ConfigError("eval.parallelize=true is for eval.backend=hf; vLLM spreads a model with "
+                          "eval.tensor_parallel_size")
+    if e.parallelize and e.device:
+        raise ConfigError(f"eval.device={e.device} is not allowed with eval.parallelize=true, which places the "
+                          "model over every visible GPU; choose them with CUDA_VISIBLE_DEVICES")
+    for key in ("max_memory_per_gpu", "max_cpu_memory"):
+        v = e[key]
+        if v is None:
+            continue
+        if not e.parallelize:
+            raise ConfigError(f"eval.{key}={v} is only used with eval.parallelize=true; set it, or {key}=null")
+        try:
+            ok = not isinstance(v, bool) and parse_size(v) > 0
+        except PolyftError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"eval.{key}={v} is not allowed; give a size such as 70GiB or 40GB")
+
+
 def _check_eval(e) -> None:
     """Rules for the eval group (task names, languages, models and data: polyft.commands.eval)."""
+    _check_eval_parallel(e)
     if not e.tasks:
         raise ConfigError(f"eval={e.suite} has no tasks; list them under eval.tasks")
     refs = list(e.models) if e.models is not None else [e.model]
@@ -130,6 +201,13 @@ def _check_plan(p) -> None:
             raise ConfigError(f"plan.gres.{size}: not one of plan.gpus ({', '.join(map(str, p.gpus))})")
 
 
+def _check_full_quant(cfg) -> None:
+    """train refuses it, and plan too, so that no plan is made for a run that cannot start."""
+    if cfg.adapter.type == "full" and cfg.quant.bits:
+        raise ConfigError(f"quant={cfg.quant.name} needs an adapter; full fine-tuning of a "
+                          "quantised base is not possible (use adapter=lora)")
+
+
 def _check_flix_data(cfg) -> None:
     if cfg.adapter.type == "flix" and cfg.data.packing:
         raise ConfigError("data.packing=true is not allowed with adapter=flix; packed sequences would mix "
@@ -141,6 +219,13 @@ def _check_flix_data(cfg) -> None:
         raise ConfigError(f"adapter.match={cfg.adapter.match} is for adapter=lora in an experiment whose experts include {cfg.adapter.match} (adapter=flix)")
 
 
+def _check_sharded_quant(cfg) -> None:
+    t = cfg.train
+    if t.num_processes > 1 and t.distributed == "fsdp" and cfg.quant.bits == 8:
+        raise ConfigError("quant=8bit cannot be sharded by train.distributed=fsdp (FSDP shards float "
+                          "tensors); use quant=4bit, whose packed weights it shards, or train.distributed=ddp")
+
+
 def validate_groups(cfg: DictConfig) -> None:
     """Every key's value (polyft.config.values), then the rules between keys of the groups
     the command uses. Raises ConfigError (one line)."""
@@ -149,12 +234,21 @@ def validate_groups(cfg: DictConfig) -> None:
         _check_plan(cfg.plan)
     if cfg.command in ("train", "run", "plan"):
         _check_adapter(cfg.adapter)
+        _check_quant(cfg.quant)
         check_data(cfg.data)
         _check_flix_data(cfg)
+        _check_full_quant(cfg)
         _check_train(cfg.train)
+        _check_name(cfg.get("name"))
+        if cfg.train.eval_steps is not None and not has_validation(cfg.data):
+            raise ConfigError(f"train.eval_steps={cfg.train.eval_steps}: data={cfg.data.name} has no validation "
+                              "set; set data.validation_ratio (e.g. 0.05) or a source with validation=true")
+        _check_sharded_quant(cfg)
     if cfg.command in ("merge", "run"):
         _check_merge(cfg.merge)
     if cfg.command in ("eval", "run"):
         _check_eval(cfg.eval)
+    if cfg.command in ("report", "run") and cfg.report.compare is not None and not str(cfg.report.compare).strip():
+        raise ConfigError("report.compare is empty; name a table row (e.g. report.compare=base), or leave it unset")
 
 

@@ -12,10 +12,14 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from polyft.models.names import model_name_of
 from polyft.models.tiny import TinySpec
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the shipped options; users add theirs (polyft.cli.compose)
 
+
+# model=hf names itself after model.path: name: ${model_name:${.path}}
+OmegaConf.register_new_resolver("model_name", model_name_of, replace=True)
 
 # The tiny offline model's spec is its config group entry (`model.tiny`).
 TinyModelConfig = TinySpec
@@ -35,7 +39,8 @@ class ModelConfig:
     # null: transformers' choice (sdpa where the model supports it); eager, sdpa, flash_attention_2, ...
     attn_implementation: Optional[str] = None
     # The chat template prompts are rendered with (training rows, eval with a chat template):
-    # model = the tokenizer's own (refused if it has none); plain = polyft's PLAIN_TEMPLATE.
+    # model = the tokenizer's own (refused if it has none); plain = polyft's PLAIN_TEMPLATE;
+    # auto = the tokenizer's own, else plain (model=hf).
     chat_template: str = "model"
     # The rest of a hub preset's architecture, for `polyft plan` without its config.json.
     hidden_size: Optional[int] = None
@@ -74,6 +79,10 @@ class QuantConfig:
     quant_type: str = "nf4"  # nf4 | fp4 (4-bit only)
     double_quant: bool = True
     compute_dtype: str = "auto"
+    # 4-bit: the dtype bitsandbytes packs the weights into (uint8 | bfloat16 | float16 | float32).
+    # null: uint8, or under train.distributed=fsdp the dtype the model loads in, so that FSDP
+    # shards the 4-bit weights with the rest (the QLoRA-FSDP recipe; polyft.sharding)
+    quant_storage: Optional[str] = None
 
 
 @dataclass
@@ -98,6 +107,11 @@ class SourceConfig:
     prompt_field: Optional[str] = "prompt"  # null: plain text, loss on all of it (continued pretraining)
     input_field: Optional[str] = None  # appended to the prompt when present (Alpaca layout)
     response_field: str = "response"
+    # A column of chats, [{role: system|user|assistant, content: ...}, ...]: loss on the assistant
+    # turns only. Default: `messages` when the source has that column and no prompt_field column.
+    messages_field: Optional[str] = None
+    system: Optional[str] = None  # a system prompt for every row that has none of its own
+    validation: bool = False  # held out: its rows are the validation set, never trained on
 
 
 @dataclass
@@ -110,6 +124,26 @@ class DataConfig:
     max_length: int = 256
     packing: bool = False
     seed: int = 0
+    # Rows of each source held out as the validation set (eval loss during training)
+    validation_ratio: float = 0.0
+
+
+@dataclass
+class FsdpConfig:
+    """train.distributed=fsdp (torch's FSDP2 through accelerate), with train.num_processes > 1."""
+    # Module classes that each become one FSDP unit; null: the model's own decoder layer
+    # (its _no_split_modules, e.g. LlamaDecoderLayer)
+    wrap_layer_cls: Optional[List[str]] = None
+    # false: keep a unit's gathered parameters from forward to backward (ZeRO-2-like, SHARD_GRAD_OP)
+    reshard_after_forward: bool = True
+    # parameters, gradients and the optimizer step in host memory (on GPUs; a CPU run is there already)
+    cpu_offload: bool = False
+    # the shards are filled from rank 0's copy of the checkpoint; the other ranks' copies go to meta
+    cpu_ram_efficient_loading: bool = False
+    # checkpoints: full (one file, rank 0) | sharded (one file per rank); the product is always whole
+    state_dict_type: str = "full"
+    # FSDP's own activation checkpointing of each unit; null: train.gradient_checkpointing
+    activation_checkpointing: Optional[bool] = None
 
 
 @dataclass
@@ -131,15 +165,21 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     num_processes: int = 1
-    distributed: str = "ddp"  # ddp | fsdp | deepspeed
+    # ddp | fsdp | deepspeed, with num_processes > 1. train.batch_size is per process: the
+    # global batch is batch_size x num_processes x grad_accum
+    distributed: str = "ddp"
+    # distributed=deepspeed: a shipped config (zero2, zero3, zero3_offload: polyft/conf/deepspeed)
+    # or a DeepSpeed JSON file
     deepspeed_config: Optional[str] = None
+    eval_steps: Optional[int] = None  # eval loss on the validation set every N steps; null: logging_steps
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass
 class LoggerConfig:
     name: str = "wandb"  # wandb | tensorboard | none
     project: str = "polyft"
-    mode: str = "offline"
+    mode: Optional[str] = None  # wandb: offline | online | disabled; null: WANDB_MODE, else offline
 
 
 @dataclass
@@ -199,13 +239,22 @@ class EvalConfig:
     batch_size: Any = 8
     limit: Optional[int] = None
     num_fewshot: Optional[int] = None
-    log_samples: bool = False
+    log_samples: bool = True  # per-item scores (samples/): `polyft report report.compare=ROW` pairs them
     device: Optional[str] = None
     gen_kwargs: Dict[str, Any] = field(default_factory=dict)
     langs: Optional[List[str]] = None  # keep only the suite's tasks in these languages
     # Prompts in the model's chat template (model.chat_template): true/false for every task;
     # null: each task entry's own apply_chat_template, else false (as lm_eval runs tasks).
     apply_chat_template: Optional[bool] = None
+    # Several GPUs. backend=hf: parallelize=true spreads the model over every visible GPU with
+    # accelerate's device_map=auto, as lm-eval's parallelize=True does; max_memory_per_gpu caps
+    # each GPU (e.g. 70GiB) and max_cpu_memory lets layers that do not fit stay on the CPU.
+    parallelize: bool = False
+    max_memory_per_gpu: Any = None
+    max_cpu_memory: Any = None
+    # backend=vllm: GPUs one engine spans (tensor parallel), engines side by side (data parallel, Ray)
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
 
 @dataclass
@@ -214,6 +263,8 @@ class ReportConfig:
     metric: Optional[str] = None  # default: each task's first metric
     out: Optional[str] = None  # default: <output_root>/reports/<exp_name>
     groups: Dict[str, List[str]] = field(default_factory=dict)  # e.g. {seen: [tasks], held_out: [tasks]}: a table by group
+    stderr: bool = False  # true: lm-eval's standard error in each table cell (always in results.csv)
+    compare: Optional[str] = None  # a table row: every other row against it on the same items (eval.log_samples)
 
 
 @dataclass
@@ -232,6 +283,7 @@ class RootConfig:
     seed: int = 0
     output_root: str = "outputs"
     output_dir: Optional[str] = None
+    name: Optional[str] = None  # a trained product's name (default <model>-<adapter>-r<r>[-<quant>]-<data>)
     offline: Optional[bool] = None  # null: offline when HF_HUB_OFFLINE=1 or the hub is unreachable
     allow_pickle: bool = False
     merge_back: bool = False

@@ -34,6 +34,7 @@ from polyft.merge.lorahub import OBJECTIVES
 from polyft.merge.ties import SIGN_TIES
 from polyft.models.load import DTYPES
 from polyft.models.tiny import ARCHS
+from polyft.sharding import QUANT_STORAGE, STATE_DICT_TYPES
 
 GROUPS = ("model", "adapter", "quant", "data", "train")  # what an expert may set
 
@@ -49,10 +50,6 @@ def optimizers() -> tuple:
 def attention() -> tuple:
     # transformers accepts eager and the attention functions it registers
     return ("eager", *library_names("transformers.modeling_utils", "AttentionInterface._global_mapping"))
-
-
-def wandb_modes() -> tuple:
-    return library_names("wandb.sdk.wandb_settings", "Settings.mode")
 
 
 def _eval_batch_size(key: str, value: Any) -> None:
@@ -83,6 +80,15 @@ _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|hpu|npu|mtia)(:\d+)?$")
 def _device(key: str, value: Any) -> None:
     if value is not None and not (isinstance(value, str) and _DEVICE.match(value)):
         raise ConfigError(f"{key}={value} is not allowed; give a torch device such as cpu, cuda or cuda:1 (or null)")
+
+
+def _memory(key: str, value: Any) -> None:
+    try:
+        ok = value is None or (not isinstance(value, bool) and isinstance(value, (int, str)) and parse_size(value) > 0)
+    except PolyftError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{key}={value} is not allowed; give a size such as 70GiB or 40GB (or null)")
 
 
 def _alpha(key: str, value: Any) -> None:
@@ -131,7 +137,7 @@ VALUES: dict[str, Any] = {
     "model.num_layers": Number(1, integer=True, null=True),
     "model.dtype": OneOf(DTYPES),
     "model.attn_implementation": OneOf(attention, null=True, source="transformers' attention implementations"),
-    "model.chat_template": OneOf(("model", "plain")),
+    "model.chat_template": OneOf(("model", "plain", "auto")),
     "model.hidden_size": Number(1, integer=True, null=True),
     "model.intermediate_size": Number(1, integer=True, null=True),
     "model.num_heads": Number(1, integer=True, null=True),
@@ -156,12 +162,15 @@ VALUES: dict[str, Any] = {
     "quant.quant_type": OneOf(("nf4", "fp4")),
     "quant.double_quant": Flag(),
     "quant.compute_dtype": OneOf(DTYPES),
+    "quant.quant_storage": OneOf(QUANT_STORAGE, null=True),
     # data
     "data.sources.*.type": OneOf(("synthetic", "jsonl", "parquet", "csv", "hub", "xtremeup")),
     "data.sources.*.task": OneOf(TASKS, null=True),
     "data.sources.*.n": Number(0, integer=True),
     "data.sources.*.weight": POSITIVE,
     "data.sources.*.max_rows": Number(1, integer=True, null=True),
+    "data.sources.*.validation": Flag(),
+    "data.validation_ratio": Number(0, 1, high_open=True),
     "data.temperature": POSITIVE,
     "data.num_examples": Number(1, integer=True, null=True),
     "data.max_length": Number(8, low_open=True, integer=True),
@@ -180,14 +189,21 @@ VALUES: dict[str, Any] = {
     "train.max_grad_norm": Number(0),  # 0: no clipping
     "train.save_steps": COUNT,
     "train.save_total_limit": Number(1, integer=True, null=True),
+    "train.eval_steps": Number(1, integer=True, null=True),
     "train.logging_steps": COUNT,
     "train.gradient_checkpointing": Flag(),
     "train.precision": OneOf(("auto", "fp32", "bf16", "fp16")),
     "train.num_processes": COUNT,
     "train.distributed": OneOf(("ddp", "fsdp", "deepspeed")),
+    "train.fsdp.wrap_layer_cls": Items(Text("a module class name", null=False), null=True, empty=False),
+    "train.fsdp.reshard_after_forward": Flag(),
+    "train.fsdp.cpu_offload": Flag(),
+    "train.fsdp.cpu_ram_efficient_loading": Flag(),
+    "train.fsdp.state_dict_type": OneOf(tuple(STATE_DICT_TYPES)),
+    "train.fsdp.activation_checkpointing": Flag(null=True),
     # logger
     "logger.name": OneOf(("wandb", "tensorboard", "none")),
-    "logger.mode": OneOf(wandb_modes, source="wandb's modes"),
+    "logger.mode": OneOf(("offline", "online", "disabled"), null=True),  # null: WANDB_MODE, else offline
     # merge (each method's rules between keys: polyft.merge.registry)
     "merge.method": OneOf(registry.names),
     "merge.weights": Items(Number(gradient=True), null=True),
@@ -224,6 +240,12 @@ VALUES: dict[str, Any] = {
     "eval.log_samples": Flag(),
     "eval.device": Custom(_device, "a torch device (cpu, cuda, cuda:1)", ("gpu0", "cuda:x")),
     "eval.apply_chat_template": Flag(null=True),
+    "eval.parallelize": Flag(),
+    "eval.max_memory_per_gpu": Custom(_memory, "a size such as 70GiB, or null", ("lots", "0GB")),
+    "eval.max_cpu_memory": Custom(_memory, "a size such as 200GiB, or null", ("lots", "0GB")),
+    "eval.tensor_parallel_size": COUNT,
+    "eval.data_parallel_size": COUNT,
+    "report.stderr": Flag(),
     # plan
     "plan.device": OneOf(("gpu", "cpu")),
     "plan.batch_size": Number(1, integer=True, null=True),
@@ -276,6 +298,8 @@ FREE: dict[str, Any] = {
     "data.sources.*.prompt_field": _optional("a column of the source"),
     "data.sources.*.input_field": _optional("a column of the source"),
     "data.sources.*.response_field": _name("a column of the source"),
+    "data.sources.*.messages_field": _optional("a column of chats ({role, content} lists)"),
+    "data.sources.*.system": _optional("a system prompt, any text"),
     "train.name": _name("the option's name, for products and tables"),
     "train.deepspeed_config": _optional("a DeepSpeed JSON file"),
     "logger.project": _name("a wandb project name"),
@@ -309,6 +333,8 @@ FREE: dict[str, Any] = {
     "report.metric": _optional("a metric name of the results"),
     "report.out": _optional("a directory"),
     "report.groups.*": _names("task names"),
+    "report.compare": _optional("a table row to compare the others with (rules check it is not blank)"),
+    "name": _optional("a trained product's name (rules._check_name checks its characters)"),
     "plan.gres.*": _name("a SLURM gres (rules._check_plan checks it with plan.gpus)"),
 }
 

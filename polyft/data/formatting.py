@@ -1,8 +1,9 @@
-"""Chat formatting and tokenisation, with loss on the response only.
+"""Chat formatting and tokenisation, with loss on the assistant turns only.
 
-Each row becomes `input_ids` plus a `completion_mask` (1 on response tokens); TRL's SFT
-trainer turns the mask into labels, truncates and packs. The tokenized mixture is cached
-by content hash so every sweep point over the same data reuses it.
+Each row becomes `input_ids` plus a `completion_mask` (1 on assistant tokens); TRL's SFT
+trainer turns the mask into labels, truncates and packs. A prompt/response row is the chat
+[system?, user, assistant]; a `messages` row is its own chat, of any number of turns. The
+tokenized mixture is cached by content hash so every sweep point over the same data reuses it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ PLAIN_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}### Response:\n{% endif %}"
 )
-CHAT_TEMPLATES = ("model", "plain")
+CHAT_TEMPLATES = ("model", "plain", "auto")
 _TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
@@ -50,36 +51,125 @@ def ships_chat_template(path) -> bool | None:
 
 
 def check_chat_template(path, choice: str) -> None:
-    """Refuse, before anything is written, a template that would have to be invented."""
+    """Refuse, before anything is written, a template that would have to be invented
+    (model.chat_template=auto never refuses: it falls back to plain)."""
     if choice == "model" and ships_chat_template(path) is False:
         raise no_template(path)
 
 
 def use_chat_template(tokenizer, choice: str, source) -> None:
-    """Give `tokenizer` the chat template model.chat_template names: its own, or plain."""
-    if choice == "plain":
+    """Give `tokenizer` the chat template model.chat_template names: its own, plain, or
+    (auto) its own if it has one, else plain."""
+    has_own = bool(getattr(tokenizer, "chat_template", None))
+    if choice == "plain" or (choice == "auto" and not has_own):
         tokenizer.chat_template = PLAIN_TEMPLATE
-    elif not getattr(tokenizer, "chat_template", None):
+    elif not has_own:
         raise no_template(source)
 
 
+# Bumped when `encode` changes what a row becomes: it is part of every product's key
+# (polyft.products.train_key), so a product trained on the old encoding is not reused.
+ENCODING = 2  # 2: the tokenizer's own leading special tokens (Gemma's <bos>) start each row
+
+
+def leading_special(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text by default (Gemma, Llama: <bos>; SmolLM2:
+    none). lm-eval adds them at scoring time, so training rows start with them too."""
+    probe = "x"
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for k in range(len(full) - len(bare) + 1):
+        if full[k: k + len(bare)] == bare:
+            return list(full[:k])
+    return []
+
+
+def is_chat(row: dict) -> bool:
+    """Rendered through the chat template (a prompt or a conversation), not plain text."""
+    return bool(row.get("messages") or row["prompt"])
+
+
+def chat_of(row: dict) -> list[dict]:
+    """The conversation a row stands for: its messages, or [system?, user, assistant]."""
+    if row.get("messages"):
+        return list(row["messages"])
+    system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    return [*system, {"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+
+
+def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character span of each assistant turn (its text and the end
+    of turn the template writes after it, e.g. <|eos|>: the model learns to stop). A turn spans
+    from the end of the chat before it with the generation prompt to the end of the chat
+    through it; a template that rewrites earlier turns (e.g. moves the system prompt) breaks
+    that prefix rule, and the turn is then found by its content."""
+    def render(msgs, gen=False):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, upto = render(messages[:i], gen=True) if i else "", render(messages[: i + 1])
+        if full.startswith(before) and full.startswith(upto) and len(before) >= cursor and len(upto) > len(before):
+            start, end = len(before), len(upto)
+        else:
+            start = full.find(m["content"], cursor)
+            if start < 0:
+                raise PolyftError("the chat template does not reproduce an assistant turn verbatim, so its "
+                                  "tokens cannot be found for the loss; set model.chat_template=plain")
+            end = start + len(m["content"])
+            tail = upto[upto.rfind(m["content"]) + len(m["content"]):]  # the template's end of turn
+            if tail and full.startswith(tail, end):
+                end += len(tail)
+        spans.append((start, end))
+        cursor = end
+    return full, spans
+
+
+def _tokenize_spans(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, mask: 1 inside `spans`). The whole text is tokenized once when every span edge
+    falls on a token boundary (each prefix's tokens are a prefix of the text's); where a merge
+    crosses an edge, the pieces between edges are tokenized apart."""
+    def tok(t):
+        return tokenizer(t, add_special_tokens=False)["input_ids"]
+
+    edges = sorted({e for span in spans for e in span} - {0, len(text)})
+    ids = tok(text)
+    at = {}
+    for e in edges:
+        head = tok(text[:e])
+        if ids[: len(head)] != head:
+            break
+        at[e] = len(head)
+    else:
+        at.update({0: 0, len(text): len(ids)})
+        mask = [0] * len(ids)
+        for s, e in spans:
+            mask[at[s]:at[e]] = [1] * (at[e] - at[s])
+        return ids, mask
+    ids, mask, bounds = [], [], [0, *edges, len(text)]
+    for a, b in zip(bounds, bounds[1:]):
+        piece = tok(text[a:b])
+        ids += piece
+        mask += [int(any(s <= a and b <= e for s, e in spans))] * len(piece)
+    return ids, mask
+
+
 def encode(row: dict, tokenizer) -> dict:
-    if not row["prompt"]:  # plain text (continued pretraining): every token carries loss
+    lead = leading_special(tokenizer)
+
+    def with_lead(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        """Once, outside the loss: a chat template may already write <bos> itself."""
+        return (ids, mask) if ids[: len(lead)] == lead else (lead + ids, [0] * len(lead) + mask)
+
+    if not is_chat(row):  # plain text (continued pretraining): every token carries loss
         ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return {"input_ids": ids, "completion_mask": [1] * len(ids), "lang": row["lang"],
-                "task": row.get("task") or ""}
-    user = [{"role": "user", "content": row["prompt"]}]
-    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["response"]}],
-                                         tokenize=False)
-    if not full.startswith(prompt):  # templates that rewrite earlier turns: mask by length only
-        prompt = full[: len(prompt)]
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    if ids[: len(p_ids)] != p_ids:  # a merge across the boundary: encode the halves apart
-        ids = p_ids + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    return {"input_ids": ids, "completion_mask": [0] * len(p_ids) + [1] * (len(ids) - len(p_ids)),
-            "lang": row["lang"], "task": row.get("task") or ""}
+        ids, mask = with_lead(ids, [1] * len(ids))
+    else:
+        ids, mask = with_lead(*_tokenize_spans(*assistant_spans(chat_of(row), tokenizer), tokenizer))
+    return {"input_ids": ids, "completion_mask": mask, "lang": row["lang"], "task": row.get("task") or ""}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -95,9 +185,10 @@ def tokenized_dataset(rows: list[dict], tokenizer, cache_root: str | os.PathLike
     Rows with a prompt are rendered with the chat template `chat_template` names."""
     import datasets
 
-    if chat_template == "plain" or any(r["prompt"] for r in rows):
+    if chat_template == "plain" or any(is_chat(r) for r in rows):
         use_chat_template(tokenizer, chat_template, source)
-    key = config_hash({"rows": config_hash(rows, 32), "tokenizer": tokenizer_fingerprint(tokenizer)})
+    key = config_hash({"rows": config_hash(rows, 32), "tokenizer": tokenizer_fingerprint(tokenizer),
+                       "encoding": ENCODING})
     target = Path(cache_root) / "cache" / "data" / key
     if not (target / "dataset_info.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,13 @@
 
 Languages are sampled with p_l proportional to n_l^(1/T), where n_l is the weighted
 number of rows in language l (T=1: proportional to size; large T: towards uniform).
-Within a language, rows are drawn in proportion to their source's weight.
+Within a language, rows are drawn in proportion to their source's weight. The validation
+set (data.validation_ratio, sources with validation=true) is held out before any of this.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
 
@@ -58,12 +60,49 @@ def build_mixture(sources: dict[str, list[dict]], weights: dict[str, float],
     return mixture
 
 
+def _content(row: dict) -> str:
+    return json.dumps([row.get("prompt"), row.get("response"), row.get("messages"), row.get("system")],
+                      ensure_ascii=False)
+
+
+def hold_out(rows: list[dict], ratio: float, seed: int, name: str) -> tuple[list[dict], list[dict]]:
+    """(training rows, validation rows): round(ratio * n) of a source's n distinct rows drawn at
+    random (seeded per source), every copy of a drawn row with it, before any sampling: no
+    validation row is ever trained on, not even as a duplicate."""
+    distinct = list(dict.fromkeys(_content(r) for r in rows))
+    k = round(len(distinct) * ratio)
+    if k == 0:
+        return rows, []
+    held = set(random.Random(f"{seed}:validation:{name}").sample(distinct, k))
+    return [r for r in rows if _content(r) not in held], [r for r in rows if _content(r) in held]
+
+
+def load_splits(data_cfg, offline: bool) -> tuple[list[dict], list[dict]]:
+    """(the sampled training rows, the validation rows) of a data config: every source read;
+    sources with validation=true and data.validation_ratio of each other source held out;
+    the rest mixed."""
+    train, validation = {}, []
+    langs = list(data_cfg.languages) if data_cfg.languages else None
+    ratio = float(data_cfg.get("validation_ratio") or 0.0)
+    for name, src in data_cfg.sources.items():
+        rows = load_source(f"data.sources.{name}", src, data_cfg.seed, offline)
+        if src.get("validation"):
+            if src.max_rows is not None and len(rows) > src.max_rows:
+                rows = random.Random(f"{data_cfg.seed}:{name}").sample(rows, src.max_rows)
+            validation += rows
+        else:
+            train[name], held = hold_out(rows, ratio, data_cfg.seed, name)
+            validation += held
+    validation = [r for r in validation if langs is None or r["lang"] in langs]
+    if (ratio or any(s.get("validation") for s in data_cfg.sources.values())) and not validation:
+        raise PolyftError(f"data={data_cfg.name}: the validation set is empty (data.validation_ratio={ratio}); "
+                          "raise the ratio or add a source with validation=true in the trained languages")
+    mixture = build_mixture(train, {n: s.weight for n, s in data_cfg.sources.items()},
+                            {n: s.max_rows for n, s in data_cfg.sources.items()}, langs,
+                            data_cfg.temperature, data_cfg.num_examples, data_cfg.seed)
+    return mixture, validation
+
+
 def load_mixture(data_cfg, offline: bool) -> list[dict]:
     """The sampled training rows for a data config (every source read, then mixed)."""
-
-    sources = {name: load_source(f"data.sources.{name}", src, data_cfg.seed, offline)
-               for name, src in data_cfg.sources.items()}
-    langs = list(data_cfg.languages) if data_cfg.languages else None
-    return build_mixture(sources, {n: s.weight for n, s in data_cfg.sources.items()},
-                         {n: s.max_rows for n, s in data_cfg.sources.items()}, langs,
-                         data_cfg.temperature, data_cfg.num_examples, data_cfg.seed)
+    return load_splits(data_cfg, offline)[0]

@@ -1,4 +1,5 @@
-"""Read one data source into plain rows: {prompt, response, lang, task}.
+"""Read one data source into plain rows: {prompt, response, lang, task}, or chats
+{messages: [{role, content}, ...], lang, task} (a `messages` column, system prompts included).
 
 A source is synthetic (generated here), a local jsonl/parquet/csv file, a hub dataset id,
 or an unpacked XTREME-UP release (polyft/data/xtremeup.py). Field names map the source's
@@ -11,6 +12,7 @@ sources while checking a config, before anything is written.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from polyft.data import rows as files
@@ -65,6 +67,56 @@ def _xtremeup_rows(key: str, src) -> list[dict]:
     return [{**r, **fixed, "source": key.rsplit(".", 1)[-1]} for r in rows]
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def messages_column(src, columns: set) -> str | None:
+    """The column of chats: messages_field, else `messages` when the source has that column
+    and no prompt column (a chat jsonl needs no field mapping)."""
+    if src.messages_field:
+        return src.messages_field
+    if "messages" in columns and (not src.prompt_field or src.prompt_field not in columns):
+        return "messages"
+    return None
+
+
+def _chat(value, where: str) -> list[dict]:
+    """A row's chat, checked: a list of {role, content} with at least one assistant turn."""
+    if isinstance(value, str):  # csv holds it as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise PolyftError(f"{where}: not a list of messages (text that is not JSON)") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise PolyftError(f"{where}: expected a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            got = m.get("role") if isinstance(m, dict) else type(m).__name__
+            raise PolyftError(f"{where}[{i}]: role={got}; each message needs a role ({', '.join(ROLES)}) "
+                              "and a text content")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" and m["content"] for m in out):
+        raise PolyftError(f"{where}: no assistant turn with content; the loss is on assistant turns only")
+    return out
+
+
+def _chat_rows(key: str, label: str, src, rows: list[tuple[str, dict]], field: str, fixed: dict,
+               lang_field: str | None) -> list[dict]:
+    out = []
+    for place, r in rows:
+        if field not in r:
+            files.text(label, place, r, field)  # the one line for a row without the field
+        messages = _chat(r[field], f"{label}: {place}: {field}")
+        if src.system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": src.system}, *messages]
+        out.append({"prompt": "", "response": "", "messages": messages,
+                    "lang": fixed.get("lang") or files.text(label, place, r, lang_field),
+                    "task": fixed.get("task") or files.text(label, place, r, "task", optional=True) or None,
+                    "source": key.rsplit(".", 1)[-1]})
+    return out
+
+
 def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
     """Rows {prompt, response, lang, task} of one source, field mapping applied."""
     if src.type == "xtremeup":
@@ -79,7 +131,11 @@ def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
         rows = [(place, r) for place, r in rows if str(r.get(col)) == str(value)]
         if not rows:
             raise PolyftError(f"{key}.where.{col}={value} matches no rows")
-    for field_key in ("prompt_field", "response_field", "input_field"):
+    chat = messages_column(src, columns)
+    if chat is not None and chat not in columns:
+        raise PolyftError(f"{key}.messages_field={chat} is not a column of the source; "
+                          f"columns: {', '.join(sorted(columns))}")
+    for field_key in () if chat else ("prompt_field", "response_field", "input_field"):
         name = getattr(src, field_key)
         if name and name not in columns:
             raise PolyftError(f"{key}.{field_key}={name} is not a column of the source; "
@@ -88,6 +144,9 @@ def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
     lang_field = src.lang_field if src.lang_field in columns else None
     if "lang" not in fixed and lang_field is None:
         raise PolyftError(f"{key}: no language; set {key}.features.lang or {key}.lang_field to a column")
+    if chat:
+        return _chat_rows(key, label, src, rows, chat, fixed, lang_field)
+    system = {"system": src.system} if src.system and src.prompt_field else {}
     out = []
     for place, r in rows:
         prompt = files.text(label, place, r, src.prompt_field) if src.prompt_field else ""
@@ -100,5 +159,6 @@ def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
             "lang": fixed.get("lang") or files.text(label, place, r, lang_field),
             "task": fixed.get("task") or files.text(label, place, r, "task", optional=True) or None,
             "source": key.rsplit(".", 1)[-1],
+            **system,
         })
     return out

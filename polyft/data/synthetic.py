@@ -63,7 +63,7 @@ _INSTR = {
 
 # The tiny models' tokenizer corpus reads these two only (its output must not change).
 _CORPUS_GENERATORS = ("arithmetic", "instructions")
-GENERATORS = _CORPUS_GENERATORS + ("arithmetic_words", "numbers")
+GENERATORS = _CORPUS_GENERATORS + ("arithmetic_words", "numbers", "number_text")
 
 
 @dataclass(frozen=True)
@@ -140,10 +140,17 @@ def numbers(lang: str, rng: random.Random) -> Example:
     return Example(_READ[lang].format(w=words[n]), str(n), lang, "instruct")
 
 
+def number_text(lang: str, rng: random.Random) -> Example:
+    """A `numbers` row as one line of plain text (instruction, then its answer), for continued
+    pretraining: no prompt, so every token carries loss and no answer format is taught."""
+    row = numbers(lang, rng)
+    return Example("", f"{row.prompt} {row.response}", lang, "lm")
+
+
 def generate(generator: str, langs: list[str] | tuple[str, ...], n: int, seed: int) -> list[dict]:
     """`n` examples per language, the same for the same (generator, langs, n, seed)."""
     make = {"arithmetic": arithmetic, "instructions": instruction, "arithmetic_words": arithmetic_words,
-            "numbers": numbers}[generator]
+            "numbers": numbers, "number_text": number_text}[generator]
     rows = []
     for lang in langs:
         rng = random.Random(f"{generator}:{lang}:{seed}")

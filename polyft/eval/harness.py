@@ -118,12 +118,23 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def model_labels(refs) -> dict[str, str]:
+    """A short label per model ref: a path's last part (a product's directory name), unless
+    two refs share it; never cut."""
+    refs = list(dict.fromkeys(str(r) for r in refs))
+    short = {r: Path(r).name if "/" in r else r for r in refs}
+    clash = {v for v in short.values() if list(short.values()).count(v) > 1}
+    return {r: r if short[r] in clash else short[r] for r in refs}
+
+
 def format_rows(rows: list[dict]) -> str:
     """A small table for the terminal."""
-    lines = [f"{'model':<28} {'task':<26} {'lang':<5} {'metric':<32} {'value':>8} {'stderr':>8} {'n':>5}"]
+    labels = model_labels(r["model"] for r in rows)
+    width = max([len("model"), *map(len, labels.values())])
+    lines = [f"{'model':<{width}} {'task':<26} {'lang':<5} {'metric':<32} {'value':>8} {'stderr':>8} {'n':>5}"]
     for r in rows:
         metric = f"{r['metric']},{r['filter']}" if r["filter"] != "none" else r["metric"]
         err = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
-        lines.append(f"{str(r['model'])[-28:]:<28} {r['task']:<26} {str(r['lang'] or '-'):<5} "
+        lines.append(f"{labels[str(r['model'])]:<{width}} {r['task']:<26} {str(r['lang'] or '-'):<5} "
                      f"{metric:<32} {r['value']:>8.4f} {err:>8} {r['n'] or '':>5}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from polyft.adapters.flix import FlixConfig
 from polyft.data.formatting import use_chat_template
 from polyft.errors import PolyftError
 from polyft.models.load import check_model_dir, hub_cached, load_base, looks_like_hub_id
-from polyft.runs import read_manifest
+from polyft.runs import read_manifest, resolve_base
 
 _WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".jinja", ".txt")
 
@@ -52,7 +52,7 @@ def describe(ref: str, path: str, *, allow_pickle: bool = False, offline: bool =
         if not safe and not (pickled and allow_pickle):
             what = "only pickle weights (allow_pickle=true to load them)" if pickled else "no adapter weights"
             raise PolyftError(f"{key} is an adapter with {what} (adapter_model.safetensors)")
-        base = conf.get("base_model_name_or_path")
+        base = resolve_base(p, conf.get("base_model_name_or_path"))
         if not base:
             raise PolyftError(f"{key}: adapter_config.json names no base_model_name_or_path")
         if Path(base).exists():
@@ -129,17 +129,45 @@ class HFModels:
     """Models for lm-eval's HF backend; a base is loaded once and adapters go on and off it."""
 
     def __init__(self, model_cfg, quant_cfg=None, *, allow_pickle: bool = False, device: str | None = None,
-                 batch_size=8, apply_chat_template: bool = False):
+                 batch_size=8, apply_chat_template: bool = False, parallelize: bool = False,
+                 max_memory_per_gpu=None, max_cpu_memory=None):
         self.model_cfg, self.allow_pickle = model_cfg, allow_pickle
         self.quant_cfg = quant_cfg if quant_cfg is not None and quant_cfg.bits else None
         self.device = resolve_device(device)
         self.batch_size = resolve_batch_size(batch_size, self.device)
         self.apply_chat_template = apply_chat_template  # some task renders prompts as chat turns
+        self.parallelize = parallelize
+        self.max_memory_per_gpu, self.max_cpu_memory = max_memory_per_gpu, max_cpu_memory
+
+    def placement(self, gpus: int | None = None) -> dict:
+        """from_pretrained's device_map and max_memory. One device unless parallelize; then
+        lm-eval's parallelize=True rule (HFLM._get_accelerate_args): device_map=auto over the
+        `gpus` visible GPUs, each capped at max_memory_per_gpu (else what accelerate finds
+        free), the CPU only when max_cpu_memory is given. Sizes are passed in bytes."""
+        if not self.parallelize:
+            return {"device_map": None if self.device == "cpu" else {"": self.device}}
+        from polyft.merge.io import parse_size
+
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        if self.max_memory_per_gpu is not None:
+            max_memory = dict.fromkeys(range(gpus), parse_size(self.max_memory_per_gpu))
+        else:
+            from accelerate.utils import get_max_memory
+
+            max_memory = {k: v for k, v in get_max_memory().items() if k != "cpu"}
+        if self.max_cpu_memory is not None:
+            max_memory["cpu"] = parse_size(self.max_cpu_memory)
+        # no GPU and no cap (a CPU-only host): accelerate's own choice, the host's memory
+        return {"device_map": "auto", "max_memory": max_memory or None}
 
     def _key(self, path: str) -> str:
         quant = dict(self.quant_cfg) if self.quant_cfg is not None else None
         return json.dumps([path, self.model_cfg.dtype, self.model_cfg.revision, quant, self.device,
-                           self.allow_pickle, self.model_cfg.get("attn_implementation")], sort_keys=True, default=str)
+                           self.allow_pickle, self.parallelize, self.max_memory_per_gpu, self.max_cpu_memory,
+                           self.model_cfg.get("attn_implementation")], sort_keys=True, default=str)
 
     def plain(self, path: str):
         """The base model at `path` with no adapter in it, loaded only if not already held."""
@@ -150,12 +178,18 @@ class HFModels:
             return _KEPT["model"]
         release()
 
-        device_map = None if self.device == "cpu" else {"": self.device}
         # lm-eval's dtype=auto is the checkpoint's own dtype (config.json), not polyft's
         # training rule (fp32 on CPU, bf16 on GPU); a quantised base keeps polyft's rule.
         dtype = "auto" if self.model_cfg.dtype == "auto" and self.quant_cfg is None else None
         model = load_base(path, self.model_cfg, self.quant_cfg, allow_pickle=self.allow_pickle,
-                          device_map=device_map, dtype=dtype)
+                          dtype=dtype, **self.placement())
+        # What fits no device is offloaded to disk by transformers, read back on every forward
+        # pass (and peft cannot put an adapter on it): refused instead.
+        if "disk" in (getattr(model, "hf_device_map", None) or {}).values():
+            del model
+            raise PolyftError(f"eval.parallelize: {path} does not fit the GPUs and CPU memory allowed "
+                              f"(eval.max_memory_per_gpu={self.max_memory_per_gpu}, eval.max_cpu_memory="
+                              f"{self.max_cpu_memory}); raise them or use more GPUs")
         model.eval()
         _KEPT.update(key=self._key(path), model=model, peft=None, adapter=None, count=0)
         return model

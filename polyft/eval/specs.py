@@ -76,6 +76,10 @@ FAMILIES = (
            "arithmetic_words", test_rows=200),
     Family("toy_numbers", TASKS_DIR / "demo" / "arith.yaml", dict.fromkeys(SYNTHETIC_LANGS), "numbers",
            test_rows=200),
+    # Number words as 4-way multiple choice, 200 rows (powered tables): scored by loglikelihood,
+    # so a model that never learned an answer format (a continued-pretraining model) is scored too.
+    Family("toy_words", TASKS_DIR / "demo" / "words.yaml", dict.fromkeys(SYNTHETIC_LANGS), "instructions",
+           test_rows=200),
     Family("polyft_xlsum", TASKS_DIR / "xlsum" / "xlsum.yaml", XLSUM_CONFIGS),
     *(Family(f"xtremeup_{task}", TASKS_DIR / "xtremeup" / f"{task}.yaml", dict.fromkeys(xtremeup.LANGUAGES[task]),
              xtremeup_task=task) for task in xtremeup.TASKS),

@@ -25,6 +25,28 @@ def check_available() -> None:
                           "or use eval.backend=hf")
 
 
+def check_parallel(models: list[ModelRef], tensor_parallel_size: int, data_parallel_size: int) -> None:
+    """What vLLM would refuse only once its workers start: a tensor-parallel size that does
+    not split the attention heads (KV heads are split, or replicated when fewer), and data
+    parallelism without Ray, through which lm-eval runs the engines."""
+    if data_parallel_size > 1 and importlib.util.find_spec("ray") is None:
+        raise PolyftError(f"eval.data_parallel_size={data_parallel_size} needs ray, through which lm-eval runs "
+                          "one vLLM engine per replica; pip install ray")
+    if tensor_parallel_size == 1:
+        return
+    for base in dict.fromkeys(m.base_path for m in models):
+        f = Path(base) / "config.json"
+        if not f.is_file():
+            continue  # a hub id: vLLM checks it
+        conf = json.loads(f.read_text())
+        conf = conf.get("text_config", conf)
+        heads = conf.get("num_attention_heads")
+        kv = conf.get("num_key_value_heads") or heads
+        if heads and (heads % tensor_parallel_size or (kv % tensor_parallel_size and tensor_parallel_size % kv)):
+            raise PolyftError(f"eval.tensor_parallel_size={tensor_parallel_size} does not split {base}'s {heads} "
+                              f"attention heads ({kv} key/value heads); use a divisor of {heads}")
+
+
 def _lora_rank(path: str) -> int:
     conf = json.loads((Path(path) / "adapter_config.json").read_text())
     ranks = [conf.get("r") or 8, *(conf.get("rank_pattern") or {}).values()]
@@ -42,8 +64,10 @@ class VLLMModels:
     """One vLLM engine per base; adapters are LoRARequests on it."""
 
     def __init__(self, models: list[ModelRef], *, dtype: str = "auto", batch_size="auto",
-                 trust_remote_code: bool = False, seed: int = 0):
+                 trust_remote_code: bool = False, seed: int = 0, tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1):
         self.models = models
+        self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, data_parallel_size
         self.dtype = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                       "float16": "float16", "fp16": "float16"}.get(dtype, "auto")
         self.batch_size = batch_size
@@ -53,15 +77,22 @@ class VLLMModels:
         self._engine_base = None
         self._base_score = None
 
+    def engine_args(self, base: str) -> dict:
+        """lm-eval's VLLM arguments for the engine of `base`: lm-eval hands tensor_parallel_size
+        to vLLM's LLM and runs data_parallel_size engines as Ray workers."""
+        adapters = [m for m in self.models if m.kind == "adapter" and m.base == base]
+        kwargs = dict(pretrained=base, dtype=self.dtype, batch_size=self.batch_size, seed=self.seed,
+                      trust_remote_code=self.trust_remote_code, tensor_parallel_size=self.tensor_parallel_size,
+                      data_parallel_size=self.data_parallel_size)
+        if adapters:  # the first adapter enables LoRA; the others are swapped in per request
+            kwargs.update(lora_local_path=adapters[0].path, max_lora_rank=max(_lora_rank(a.path) for a in adapters))
+        return kwargs
+
     def _start(self, base: str):
         from lm_eval.models.vllm_causallms import VLLM
 
         adapters = [m for m in self.models if m.kind == "adapter" and m.base == base]
-        kwargs = dict(pretrained=base, dtype=self.dtype, batch_size=self.batch_size, seed=self.seed,
-                      trust_remote_code=self.trust_remote_code)
-        if adapters:  # the first adapter enables LoRA; the others are swapped in per request
-            kwargs.update(lora_local_path=adapters[0].path, max_lora_rank=max(_lora_rank(a.path) for a in adapters))
-        self._engine, self._engine_base = VLLM(**kwargs), base
+        self._engine, self._engine_base = VLLM(**self.engine_args(base)), base
         self._engine.lora_request = None
         self._base_score = _probe(self._engine) if adapters else None
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polyft.errors import PolyftError
+from polyft.runs import resolve_base
 
 # safetensors dtype codes and their sizes in bytes
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -171,12 +172,21 @@ class PickleCheckpoint(Checkpoint):
 
 ADAPTER_PREFIX = "base_model.model."
 _LORA = re.compile(r"^(.*)\.lora_([AB])\.weight$")
+_DORA = ".lora_magnitude_vector"
+
+
+def torch_linalg_norm(weight):
+    """The L2 norm of each row, in the weight's dtype (peft's DoRA weight norm)."""
+    import torch
+
+    return torch.linalg.norm(weight, dim=1).to(weight.dtype)
 
 
 class LoraCheckpoint(Checkpoint):
     """A peft LoRA adapter directory read as its base model with the adapter folded in:
-    W + (alpha / r) B A for every adapted linear layer (alpha / sqrt(r) with rslora), and
-    modules_to_save tensors replacing the base's."""
+    W + (alpha / r) B A for every adapted linear layer (alpha / sqrt(r) with rslora), DoRA's
+    m / ||W + (alpha / r) B A|| (norm of each output row) times that, and modules_to_save
+    tensors replacing the base's."""
 
     def __init__(self, path: str | os.PathLike, base: Checkpoint):
         self.path = Path(path)
@@ -188,10 +198,13 @@ class LoraCheckpoint(Checkpoint):
         header, _ = read_header(self._file)
         self.pairs: dict[str, tuple[str, str]] = {}  # base tensor name -> (A key, B key)
         self.replaced: dict[str, str] = {}  # base tensor name -> adapter key
+        self.magnitudes: dict[str, str] = {}  # base tensor name -> DoRA magnitude key
         for key in header:
             name = key[len(ADAPTER_PREFIX):] if key.startswith(ADAPTER_PREFIX) else key
             m = _LORA.match(name)
-            if m:
+            if name.endswith(_DORA) and not conf.get("fan_in_fan_out"):
+                self.magnitudes[f"{name[:-len(_DORA)]}.weight"] = key
+            elif m:
                 a, b = self.pairs.get(f"{m.group(1)}.weight", (None, None))
                 self.pairs[f"{m.group(1)}.weight"] = (key, b) if m.group(2) == "A" else (a, key)
             elif name in base.tensors:
@@ -208,6 +221,9 @@ class LoraCheckpoint(Checkpoint):
                 raise PolyftError(f"adapter {self.path}: LoRA weights for {name} do not match the base model "
                                   f"{base.path} (missing lora_A/lora_B or no such base tensor)")
             self.tensors[name] = TensorInfo(name, base.tensors[name].dtype, base.tensors[name].shape)
+        if set(self.magnitudes) - set(self.pairs):
+            raise PolyftError(f"adapter {self.path}: a DoRA magnitude for {sorted(set(self.magnitudes) - set(self.pairs))[0]} "
+                              "has no LoRA weights beside it")
 
     def scaling(self, name: str, rank: int) -> float:
         conf = self.adapter_config
@@ -230,10 +246,14 @@ class LoraCheckpoint(Checkpoint):
             return w
         with safe_open(self._file, framework="pt") as f:
             a, b = (f.get_tensor(k).float() for k in self.pairs[name])
+            magnitude = f.get_tensor(self.magnitudes[name]).float() if name in self.magnitudes else None
         delta = b @ a
         if self.adapter_config.get("fan_in_fan_out"):
             delta = delta.T
-        return delta.mul_(self.scaling(name, a.shape[0])).add_(w.float())
+        merged = delta.mul_(self.scaling(name, a.shape[0])).add_(w.float())
+        if magnitude is not None:  # DoRA, as peft merges it: the row norms of the unmerged sum
+            merged.mul_((magnitude / torch_linalg_norm(merged)).view(-1, 1))
+        return merged
 
     def raw(self, name: str) -> TensorInfo | None:
         if name in self.pairs or name in self.replaced:
@@ -246,7 +266,9 @@ def is_adapter_dir(path: Path) -> bool:
 
 
 def adapter_base_ref(path: Path) -> str:
-    return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    """The adapter's base, a relative reference taken from the adapter's directory."""
+    ref = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    return resolve_base(path, ref) or ""
 
 
 def open_checkpoint(path: str | os.PathLike, adapter_base: str | os.PathLike | None = None,

@@ -82,7 +82,8 @@ def resolve_model_path(model_cfg, output_root: str, offline: bool | None = None,
         return str(Path(ref).resolve())
     if model_cfg.tiny is not None:  # a tiny preset: model.path replaces it, and must be local
         raise PolyftError(f"model.path={ref}: no such directory or .gguf file (model={model_cfg.name} "
-                          "builds a tiny model unless model.path names a local model)")
+                          "builds a tiny model unless model.path names a local model; any other model, "
+                          f"a hub id too: model=hf model.path={ref})")
     if looks_like_hub_id(ref):
         if is_offline(offline) and hub_cached(ref, model_cfg.revision) is None:
             raise PolyftError(
@@ -91,6 +92,42 @@ def resolve_model_path(model_cfg, output_root: str, offline: bool | None = None,
         return ref
     raise PolyftError(f"model.path={ref}: no such directory or file; give a local model directory, a "
                       ".gguf file or a hub id")
+
+
+def model_config_json(model_cfg, output_root: str, offline: bool | None = None) -> dict | None:
+    """The model's config.json (a multimodal model's text_config), without loading weights:
+    from a local directory, a converted GGUF or tiny model already built, or for a hub id the
+    HF cache (online: that one small file is fetched). None when it cannot be had."""
+    try:
+        path = resolve_model_path(model_cfg, output_root, offline, build=False)
+    except PolyftError:
+        return None
+    f = Path(path).expanduser() / "config.json"
+    if not f.is_file() and looks_like_hub_id(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            f = Path(hf_hub_download(path, "config.json", revision=model_cfg.revision,
+                                     local_files_only=is_offline(offline)))
+        except Exception:  # noqa: BLE001 - not cached, no route, gated: the config is unknown
+            return None
+    if not f.is_file():
+        return None
+    try:
+        conf = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return conf.get("text_config", conf) if isinstance(conf, dict) else None
+
+
+def model_depth(model_cfg, output_root: str, offline: bool | None = None) -> int | None:
+    """The number of decoder layers: the preset's or tiny spec's, else its config.json's."""
+    if builds_tiny(model_cfg):
+        return model_cfg.tiny.num_layers
+    if model_cfg.num_layers:
+        return model_cfg.num_layers
+    conf = model_config_json(model_cfg, output_root, offline) or {}
+    return conf.get("num_hidden_layers")
 
 
 def weight_files(path: str | os.PathLike) -> tuple[list[Path], list[Path]]:
@@ -142,9 +179,12 @@ def quantization_config(quant_cfg, compute_dtype):
     from transformers import BitsAndBytesConfig
 
     if quant_cfg.bits == 4:
+        # a float storage dtype lets FSDP shard the packed weights (polyft.sharding.quant_storage)
+        storage = quant_cfg.get("quant_storage")
+        extra = {"bnb_4bit_quant_storage": torch_dtype(storage, False)} if storage not in (None, "uint8") else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_cfg.quant_type,
                                   bnb_4bit_use_double_quant=quant_cfg.double_quant,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **extra)
     if quant_cfg.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -160,7 +200,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
 
 
 def load_base(path: str, model_cfg, quant_cfg=None, allow_pickle: bool = False, device_map=None,
-              dtype=None):
+              dtype=None, max_memory=None):
     """The base model, quantised when quant_cfg.bits is 4 or 8. model.dtype=auto: fp32 on CPU,
     bf16 on GPU; `dtype` overrides it ("auto": the checkpoint's own, as lm-eval loads it)."""
     import torch
@@ -181,7 +221,10 @@ def load_base(path: str, model_cfg, quant_cfg=None, allow_pickle: bool = False, 
         kwargs["revision"] = model_cfg.revision
     if qconf is not None:
         kwargs["quantization_config"] = qconf
-        kwargs["device_map"] = device_map or ({"": 0} if on_gpu else {"": "cpu"})
+        # each process of a multi-GPU run on its own GPU (torchrun sets LOCAL_RANK)
+        kwargs["device_map"] = device_map or ({"": int(os.environ.get("LOCAL_RANK", "0"))} if on_gpu else {"": "cpu"})
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    if max_memory is not None:  # with device_map=auto: bytes per device (GPU index or "cpu")
+        kwargs["max_memory"] = max_memory
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
