@@ -4,7 +4,7 @@
 Flag, Items, Custom); `FREE` lists the keys that take any text (names, paths, ids), each
 with why. `*` stands for any entry of a mapping (a source, a feature type, a GPU size) and
 `[]` for any item of a list. Names a library defines are checked against the library's own
-list (scheduler and optimizer names, attention implementations, wandb modes), read when a
+list (scheduler and optimizer names, attention implementations), read when a
 config is checked. Rules between keys (a LoRA needs a rank, a swap fits the model's depth)
 are polyft.config.rules'; launcher values are polyft.cli.launchers'.
 
