@@ -31,7 +31,7 @@ from polyft.runs import ArtifactStore, config_hash, fingerprint, read_manifest
 from polyft.training import lora_alpha
 
 MERGED = "merged"  # the store kind of merges
-_LOG_ONLY = ("logging_steps", "name", "eval_steps")
+_LOG_ONLY = ("logging_steps", "name", "eval_steps", "save_total_limit")
 # Keys added after products were stored: left out of the key at their default, so that every
 # product made before keeps its hash.
 _NEW_DATA = {"validation_ratio": 0.0}
@@ -96,6 +96,8 @@ def train_key(cfg, model_path: str) -> dict:
     model["resolved"] = None if builds_tiny(cfg.model) else model_path
     if model.get("chat_template") == "model":  # the default: product hashes stay as they were
         del model["chat_template"]
+    if model.get("attn_implementation") is None:  # likewise
+        model.pop("attn_implementation", None)
     key = {"model": model, "quant": OmegaConf.to_container(cfg.quant, resolve=True),
            "data": data_key(cfg.data),
            "train": {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()

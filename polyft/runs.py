@@ -2,12 +2,15 @@
 
 A product is written into a temporary directory next to its final place and renamed
 into place with its manifest once complete, under a per-artifact lock, so a killed job
-never leaves half an artifact and two jobs never build the same one at once.
+never leaves half an artifact and two jobs never build the same one at once. A disk that
+fills while a product is written ends the build with one line naming the product and what
+it needed (DiskFullError), and its temporary directory is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -25,6 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from polyft.errors import PolyftError
+
+
+class DiskFullError(PolyftError):
+    """The disk filled while something was written; what was half-written is removed."""
 
 PACKAGES = ("polyft", "torch", "transformers", "tokenizers", "safetensors", "peft", "trl",
             "datasets", "accelerate", "bitsandbytes", "hydra-core", "omegaconf", "lm-eval", "wandb")
@@ -90,10 +97,82 @@ def git_revision(path: str | os.PathLike | None = None) -> str | None:
         return None
 
 
+# ------------------------------------------------------------------ writing, and a full disk
+
+_FULL = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def no_space(exc: BaseException, path: str | os.PathLike) -> bool:
+    """Whether `exc`, raised while writing under `path`, is a full disk: ENOSPC or EDQUOT in
+    its chain, or a failed write with no space left on that file system (torch and
+    safetensors raise their own errors for it, without the errno)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(seen) for text in _FULL):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(_existing(Path(path))).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def size_of(path: str | os.PathLike) -> int:
+    """Bytes of the files under `path` (a file: its size)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def disk_full(what: str, path: str | os.PathLike, written: int) -> DiskFullError:
+    """One line: what was being written where, and the space it needs (more than `written`)."""
+    try:
+        free = f"{human(shutil.disk_usage(_existing(Path(path))).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"no space left on device writing {what} {os.path.abspath(path)}: it needs more than {human(written)} "
+                         f"(written when the disk filled; {free}); nothing was kept: free space and run "
+                         "the same command again")
+
+
+def write_text(path: Path, text: str) -> None:
+    """`path` holds the old content or the new, never half of it: written aside, renamed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and no_space(exc, path):
+            raise disk_full("the file", path, len(text.encode())) from None
+        raise
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False))
 
 
 def read_manifest(path: str | os.PathLike) -> dict | None:
@@ -202,7 +281,14 @@ class ArtifactStore:
         """The one find-or-build: under the product's lock, reuse it if built, else make(build)
         writes it into build.dir (and adds to build.manifest), which is renamed into place
         only once make returns."""
-        with self.lock(kind, name, key):
+        try:
+            lock = self.lock(kind, name, key)
+            lock.__enter__()
+        except OSError as exc:  # the lock file itself: a disk too full for an empty file
+            if not no_space(exc, self.root):
+                raise
+            raise disk_full(f"the {kind}", target or self.path_for(kind, name, key), 0) from None
+        try:
             found = self.find(kind, name, key, target)
             if found is not None:
                 return Obtained(found, True)
@@ -212,6 +298,8 @@ class ArtifactStore:
             with self.build(kind, name, key, target=target) as build:
                 result = make(build)
             return Obtained(build.dir, False, result)
+        finally:
+            lock.__exit__(None, None, None)
 
     def work_dir(self, kind: str, name: str, key: dict) -> Path:
         """A persistent scratch directory (checkpoints) that survives a killed job."""
@@ -242,11 +330,15 @@ class ArtifactStore:
                                          "versions": package_versions()})
         try:
             yield build
-            _write_json(tmp / "manifest.json", build.manifest)
+            (tmp / "manifest.json").write_text(json.dumps(build.manifest, indent=2, default=str, ensure_ascii=False))
             if final.exists():
                 final.rmdir()  # empty, checked above
             os.rename(tmp, final)
             build.dir = final
+        except Exception as exc:
+            if isinstance(exc, PolyftError) or not no_space(exc, tmp):
+                raise
+            raise disk_full(f"the {kind}", final, size_of(tmp)) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -296,7 +388,11 @@ class RunRecord:
 
     def finish(self, status: str = "ok", error: str | None = None) -> None:
         self.status, self.error = status, error
-        self.save()
+        try:
+            self.save()
+        except DiskFullError:
+            if status == "ok":
+                raise  # a failed run's own error is the one to show; its record is best effort
 
     def save(self) -> None:
         _write_json(self.run_dir / "run.json", self.as_dict())

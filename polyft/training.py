@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -21,7 +22,7 @@ from polyft.data.mixture import load_splits
 from polyft.errors import PolyftError
 from polyft.models.gguf import source_of
 from polyft.models.load import is_offline, load_base, load_tokenizer, torch_dtype
-from polyft.runs import base_reference, read_manifest
+from polyft.runs import base_reference, disk_full, no_space, read_manifest, size_of
 
 
 def _precision(cfg) -> tuple[bool, bool]:
@@ -62,6 +63,7 @@ def sft_config(cfg, work_dir: Path, report_to: list[str], run_name: str, distrib
         gradient_accumulation_steps=t.grad_accum, lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, optim=t.optimizer,
         max_grad_norm=t.max_grad_norm, save_steps=t.save_steps, save_strategy="steps",
+        save_total_limit=t.save_total_limit,  # the oldest checkpoints go; resume reads the newest
         logging_steps=logging_steps(t), logging_first_step=True,
         activation_checkpointing=checkpointing, bf16=bf16, fp16=fp16,
         seed=cfg.seed, data_seed=cfg.seed, report_to=report_to,
@@ -192,10 +194,39 @@ def eval_history(trainer) -> list[dict]:
     return logged()
 
 
+def complete(checkpoint: Path) -> bool:
+    """The trainer writes trainer_state.json last: a checkpoint whose state file reads back
+    was written whole (a killed or full-disk save leaves none, or a truncated one)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def last_checkpoint(work_dir: Path) -> str | None:
     ckpts = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = [c for c in ckpts if (c / "trainer_state.json").exists()]
-    return str(complete[-1]) if complete else None
+    done = [c for c in ckpts if complete(c)]
+    return str(done[-1]) if done else None
+
+
+def _train_or_free(trainer, work_dir: Path, resume: str | None):
+    """trainer.train; when the disk fills while a checkpoint is saved, the half-written
+    checkpoint goes (the complete ones stay for the next run) and one line says so."""
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    except Exception as exc:
+        for cb in trainer.callback_handler.callbacks:  # their bars close into the run's log, not after the error line
+            for bar in (getattr(cb, "training_bar", None), getattr(cb, "bar", None)):
+                if bar is not None and hasattr(bar, "close"):
+                    bar.close()
+        if not no_space(exc, work_dir):
+            raise
+        half = [c for c in work_dir.glob("checkpoint-*") if not complete(c)]
+        written = sum(size_of(c) for c in half)
+        for c in half:
+            shutil.rmtree(c, ignore_errors=True)
+        raise disk_full("the checkpoint", half[0] if half else work_dir, written) from None
 
 
 def _fix_adapter_base(product_dir: Path, model_path: str, output_root: str) -> None:
@@ -276,7 +307,7 @@ def train(cfg, model_path: str, work_dir: Path, out_dir: Path, run_dir: Path, in
                               eval_dataset=held.remove_columns(["lang", "task"]) if held is not None else None,
                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
         resume = last_checkpoint(work_dir)
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = _train_or_free(trainer, work_dir, resume)
         evals = eval_history(trainer) if held is not None else None
         losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
         if losses:

@@ -36,7 +36,7 @@ GROUPS["test_slurm_multinode.py"] = "slurm"  # its cluster's daemons must not me
 SLOW_FIRST = [
     "test_run.py::test_demo_end_to_end_real_numbers_then_cached",
     "test_train.py::test_killed_run_resumes_to_the_same_weights",
-    "test_run.py::test_killed_run_completes_with_the_same_table",
+    "test_run.py::test_killed_anywhere_the_rerun_completes_with_the_same_table",
     "test_run.py::test_sweep_trains_each_expert_once_and_reports_a_heatmap",
     "test_run.py::test_each_command_runs_its_own_stage",
     "test_real_model.py",

@@ -116,10 +116,10 @@ def test_prompt_response_rows_encode_as_a_one_turn_chat(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("rows,words", [
     ([{"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}], "lang": "en"}],
-     ["data.sources.chat: row 1: messages[1]", "role=tool", "system, user, assistant"]),
+     ["data.sources.chat: ", "chat.jsonl: line 1: messages[1]", "role=tool", "system, user, assistant"]),
     ([{"messages": [{"role": "user", "content": "hi"}], "lang": "en"}],
-     ["data.sources.chat: row 1: messages", "no assistant turn"]),
-    ([{"messages": "not a chat", "lang": "en"}], ["data.sources.chat: row 1: messages", "not JSON"]),
+     ["data.sources.chat: ", "chat.jsonl: line 1: messages", "no assistant turn"]),
+    ([{"messages": "not a chat", "lang": "en"}], ["data.sources.chat: ", "chat.jsonl: line 1: messages", "not JSON"]),
 ])
 def test_bad_chat_rows_are_one_line(cli, rows, words):
     f = write_jsonl(cli.cwd / "chat.jsonl", rows)

@@ -30,7 +30,31 @@ def _partial_copy(cwd: Path) -> str:
     return str(cwd / "data")
 
 
+def _task_dir(cwd: Path, output_type: str) -> str:
+    """A task of one's own (include_path) with the given output_type."""
+    d = cwd / "tasks"
+    d.mkdir()
+    (d / "qa.jsonl").write_text('{"q": "2 + 2?", "a": "4"}\n')
+    (d / "my_qa.yaml").write_text(
+        f"task: my_qa\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {d / 'qa.jsonl'}}}}}\n"
+        f"test_split: test\noutput_type: {output_type}\ndoc_to_text: '{{{{q}}}}'\ndoc_to_target: '{{{{a}}}}'\n"
+        "metric_list: [{metric: exact_match}]\n")
+    return str(d)
+
+
+def _latin1_copy(cwd: Path) -> str:
+    (cwd / "data" / "facebook__xnli" / "sw").mkdir(parents=True)
+    (cwd / "data" / "facebook__xnli" / "sw" / "validation.jsonl").write_bytes(
+        '{"premise": "Mtoto analala.", "hypothesis": "Mtoto amepumzika.", "label": 0}\n'
+        '{"premise": "caf\u00e9", "hypothesis": "b", "label": 1}\n'.encode("latin-1"))
+    return str(cwd / "data")
+
+
 BAD = {
+    "unknown_output_type": (lambda cwd: [f"eval.include_path={_task_dir(cwd, 'generate')}", "eval.tasks=[my_qa]"],
+                            ["my_qa", "output_type=generate", "generate_until", "multiple_choice"]),
+    "local_file_not_utf8": (lambda cwd: ["eval=xnli", "eval.langs=[sw]", f"eval.data_dir={_latin1_copy(cwd)}"],
+                            ["xnli_sw", "facebook__xnli/sw/validation.jsonl", "line 2", "not UTF-8"]),
     "unknown_suite": (lambda cwd: ["eval=nosuch"], ["eval=nosuch", "no such option", "xnli"]),
     "unknown_task": (lambda cwd: ["eval.tasks=[xnli_sww]"], ["unknown task xnli_sww", "xnli_sw"]),
     "tag_not_task": (lambda cwd: ["eval.tasks=[mgsm_cot_native]"], ["mgsm_cot_native", "tag"]),

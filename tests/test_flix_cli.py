@@ -15,8 +15,8 @@ DEMO = ["+exp=flix_demo", "model=tiny-llama", "train.max_steps=6", "train.save_s
 
 
 @pytest.mark.parametrize("args,words", [
-    (["adapter.features=[task,genre]"], ["unknown feature type genre", "task, lang"]),
-    (["adapter.ranks.lang=0"], ["adapter.ranks.lang=0", "rank > 0"]),
+    (["adapter.features=[task,genre]"], ["adapter.features[1]=genre", "task, lang"]),
+    (["adapter.ranks.lang=0"], ["adapter.ranks.lang=0", "integer >= 1"]),
     (["adapter.feature_dropout=1.0"], ["adapter.feature_dropout=1.0", "[0, 1)"]),
     (["adapter.feature_dropout=-0.1"], ["adapter.feature_dropout=-0.1", "[0, 1)"]),
     (["data.packing=true"], ["data.packing", "adapter=flix"]),

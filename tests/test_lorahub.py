@@ -135,7 +135,7 @@ BAD = {
     "missing_shots": (["a0", "a1"], ["merge.data=/nonexistent/shots.jsonl"], ["merge.data", "no such file"]),
     "missing_fields": (["a0", "a1"], ["merge.data=RENAMED"], ["merge.data", "prompt", "merge.prompt_field"]),
     "no_data": (["a0", "a1"], ["merge.data=null"], ["merge.data is missing"]),
-    "zero_budget": (["a0", "a1"], ["merge.budget=0"], ["merge.budget=0", "> 0"]),
+    "zero_budget": (["a0", "a1"], ["merge.budget=0"], ["merge.budget=0", ">= 1"]),
     "negative_budget": (["a0", "a1"], ["merge.budget=-3"], ["merge.budget=-3"]),
     "bounds_reversed": (["a0", "a1"], ["merge.bounds=[1.5,-1.5]"], ["merge.bounds", "low < high"]),
     "bounds_equal": (["a0", "a1"], ["merge.bounds=[0.5,0.5]"], ["merge.bounds", "low < high"]),

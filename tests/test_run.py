@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,25 +118,83 @@ def test_sweep_trains_each_expert_once_and_reports_a_heatmap(cli):
     assert f"wandb sync {sweep}/*/wandb/offline-run-*" in proc.stdout
 
 
-def test_killed_run_completes_with_the_same_table(cli, cache_root):
-    args = ["run", "+exp=demo", *FAST, "experts.math.train.save_steps=10", "experts.math.train.max_steps=60"]
-    proc = subprocess.Popen([sys.executable, "-m", "polyft.cli", *args], cwd=cli.cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    work = cli.cwd / "outputs" / "artifacts" / "model" / ".work"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not any(work.glob("math-*/checkpoint-*/trainer_state.json")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = cli(*args)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+def _newest_runs(root: Path, since: float) -> list[Path]:
+    return [d.parent for d in (root / "outputs" / "runs" / "run").glob("*/*/run.json") if d.stat().st_mtime >= since]
+
+
+# The CLI with its quick writes made slow enough to be killed in the middle of them: each
+# tensor of a merge is followed by 50 ms, each report file by half a second. The slowness
+# is the test's, patched in here, not a switch of polyft's.
+SLOW_WRITES = """
+import sys, time
+from polyft.commands import report
+from polyft.merge import io
+write, text = io.ShardWriter.write, report.write_text
+def slow_write(self, *args, **kwargs):
+    write(self, *args, **kwargs)
+    time.sleep(0.05)
+def slow_text(*args, **kwargs):
+    text(*args, **kwargs)
+    time.sleep(0.5)
+io.ShardWriter.write, report.write_text = slow_write, slow_text
+from polyft.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+# The demo at its smallest that still tells a resumed training from a fresh one: one merge
+# (the swap), three tasks.
+KILLED = ["+exp=demo", "experts.math.train.max_steps=60", "experts.math.train.save_steps=10",
+          "experts.lang.train.max_steps=20", "eval.limit=10", "~baselines.soup", "~baselines.ties",
+          "eval.tasks=[" + ",".join(f"{{name: demo_{t}, lang: {t[-2:]}, num_fewshot: 0, apply_chat_template: true}}"
+                                    for t in ("arith_en", "words_en", "words_sw")) + "]"]
+
+
+def test_killed_anywhere_the_rerun_completes_with_the_same_table(cli, cache_root):
+    """SIGKILL of `polyft run +exp=demo` while it trains, merges, evaluates and writes the
+    report, each followed by the same command: every rerun prints the table of a run that
+    was never interrupted. The moments are read off the files and lines the run writes.
+    Before the merge and eval kills, the products of those stages are removed, so that the
+    run has them to make again; the trained experts are reused."""
+    args = ["run", *KILLED]
     other = cli.cwd / "other"
     other.mkdir()
     (other / "models").symlink_to(cache_root / "models", target_is_directory=True)
     straight = cli(*args, f"output_root={other}")
     assert straight.returncode == 0, straight.stderr[-4000:]
-    assert table_of(resumed.stdout) == table_of(straight.stdout)
-    assert table_of(resumed.stdout).count("| ") > 10
+    reference = table_of(straight.stdout)
+    assert rows_of(reference, "demo_words").keys() == {"base", "math", "lang", "swap"}, reference
+
+    store = cli.cwd / "outputs" / "artifacts"
+    log = cli.cwd / "killed.log"
+
+    def kill_when(moment, ready) -> list[Path]:
+        since = time.time()
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITES, *args], cwd=cli.cwd,
+                                    stdout=out, stderr=subprocess.STDOUT)
+        while time.time() < since + 600 and proc.poll() is None and not ready(since):
+            time.sleep(0.002)
+        assert proc.poll() is None, f"the run ended before it was {moment}:\n{log.read_text()[-3000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed = _newest_runs(cli.cwd, since)
+        assert [json.loads((d / "run.json").read_text())["status"] for d in killed] == ["running"], moment
+        again = cli(*args)
+        assert again.returncode == 0, (moment, again.stderr[-4000:])
+        assert table_of(again.stdout) == reference, moment
+        return killed
+
+    def said(line: str) -> bool:
+        return line in log.read_text()
+
+    kill_when("training", lambda since: any(store.glob("model/.work/math-*/checkpoint-*/trainer_state.json")))
+    for kind in ("merged", "eval"):  # made again by the next run, the experts reused
+        shutil.rmtree(store / kind)
+    kill_when("merging", lambda since: said("polyft: merging swap") and any(store.glob("merged/.tmp-swap-*/*")))
+    shutil.rmtree(store / "eval")
+    kill_when("evaluating", lambda since: said("polyft: evaluating lang on demo") and any(store.glob("eval/.tmp-*")))
+    (killed,) = kill_when("writing the report", lambda since: any(
+        (d / "report" / "table.md").exists() for d in _newest_runs(cli.cwd, since)))
+    assert not (killed / "report" / "table.csv").exists()  # killed between two of the report's files
 
 
 def test_each_command_runs_its_own_stage(cli):

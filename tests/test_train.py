@@ -129,24 +129,31 @@ def _weights(adapter_dir: Path) -> dict:
 
 
 def test_killed_run_resumes_to_the_same_weights(cli, cache_root):
-    args = ["train", "logger=none", "train.max_steps=200", "train.save_steps=25", "adapter.dropout=0.1"]
+    """Killed once train.save_total_limit=2 has pruned the first checkpoint: the run resumes
+    from the newest one left and ends with the weights of a run never interrupted."""
+    args = ["train", "logger=none", "train.max_steps=200", "train.save_steps=25", "adapter.dropout=0.1",
+            "train.save_total_limit=2"]
     out = cli.cwd / "resumed"
     proc = subprocess.Popen([sys.executable, "-m", "polyft.cli", *args, f"output_dir={out}"], cwd=cli.cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     work = cli.cwd / "outputs" / "artifacts" / "adapter" / ".work"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if any(work.glob("*/checkpoint-*/trainer_state.json")):
-            break
-        time.sleep(0.05)
+
+    def pruned() -> bool:  # the third checkpoint is complete and the first is gone
+        done = list(work.glob("*/checkpoint-75/trainer_state.json"))
+        return bool(done) and not (done[0].parent.parent / "checkpoint-25").exists()
+
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not pruned():
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # nothing half-written at output_dir
-    assert any(work.glob("*/checkpoint-*")), "killed before the first checkpoint"
+    left = sorted(p.name for p in work.glob("*/checkpoint-*"))
+    assert "checkpoint-25" not in left and "checkpoint-75" in left and len(left) <= 3, left
     done = cli(*args, f"output_dir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     record = run_record(cli.cwd / "outputs" / "runs")
-    assert record["train"]["resumed_from"], record["train"]
+    assert record["train"]["resumed_from"].endswith(("checkpoint-75", "checkpoint-100")), record["train"]
     # the same config, uninterrupted, in another output root
     other = cli.cwd / "other"
     (other / "models").parent.mkdir(parents=True, exist_ok=True)
@@ -206,3 +213,20 @@ def test_store_build_removes_a_killed_builds_temporary_dir(tmp_path):
         (b.dir / "w.txt").write_text("ok")
     assert not stale.exists() and (final / "w.txt").read_text() == "ok"
     assert store.find("model", "x", {"a": 1}) == final
+
+
+def test_two_identical_commands_at_once_one_builds_the_other_waits_and_reuses(cli):
+    args = ["train", "logger=none", "train.max_steps=60", "train.save_steps=30"]
+    procs = [subprocess.Popen([sys.executable, "-m", "polyft.cli", *args], cwd=cli.cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    records = [json.loads(f.read_text()) for f in (cli.cwd / "outputs" / "runs").rglob("run.json")]
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    (built,) = [r for r in records if not r["artifacts"][0]["reused"]]
+    (reused,) = [r for r in records if r["artifacts"][0]["reused"]]
+    assert built["artifacts"][0]["path"] == reused["artifacts"][0]["path"]
+    # the second waited for the first: it started before the first had trained
+    started = lambda r: time.mktime(time.strptime(r["started"], "%Y-%m-%dT%H:%M:%S"))  # noqa: E731
+    assert started(reused) <= started(built) + built["wall_time_s"] - 1, (reused["started"], built["started"])
+    assert len(list((cli.cwd / "outputs" / "artifacts" / "adapter").glob("tiny-llama-lora-*"))) == 1

@@ -453,5 +453,14 @@ def explain(exc: BaseException, dirs: list[Path] | None = None) -> str:
     k = re.search(r"full_key: (\S+)", text)
     if m and k:
         return f"{k.group(1)}={m.group(1)}: expected {m.group(2).lower()}"
+    if k:  # a value of the wrong kind: a list or mapping for text, text for a list, ...
+        kinds = ((r"is not a valid bool", "true or false"), (r"Cannot convert '\w+' to string", "text"),
+                 (r"is not a ListConfig, list or tuple", "a list ([a, b])"),
+                 (r"Cannot assign \w+ to Dict", "a mapping ({k: v})"),
+                 (r"Cannot assign \w+ to (?:List|ListConfig)", "a list ([a, b])"))
+        want = next((w for pattern, w in kinds if re.search(pattern, text)), None)
+        given = re.search(r"Error merging override (\S+?=.*?)\n", text + "\n")
+        if want:
+            return f"{given.group(1).lstrip('+~') if given else k.group(1)}: expected {want} for {k.group(1)}"
     first = " ".join(line.strip() for line in text.splitlines() if line.strip())
     return first[:400]

@@ -30,6 +30,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SlurmBase
 from omegaconf import OmegaConf
 
+from polyft.checks import Custom, Flag, Items, Number, Text
 from polyft.commands.multinode import check_nodes
 from polyft.commands.plan import fit_resources
 from polyft.errors import ConfigError
@@ -40,7 +41,50 @@ _BASE_KEYS = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node",
               "name", "stderr_to_stdout"}
 _NOT_PARAMS = {"_target_", "submitit_folder", "max_num_timeout"}
 _MEM = re.compile(r"^\d+[KMGT]?B?$", re.I)
-_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_GRES = re.compile(r"^[\w.-]+(:[\w.-]+)*(,[\w.-]+(:[\w.-]+)*)*$")
+
+
+def _memory(key: str, value) -> None:
+    if value is not None and (not _MEM.match(str(value)) or int(re.sub(r"\D", "", str(value))) <= 0):
+        raise ConfigError(f"{key}={value} is not allowed; give a size such as 4000M or 16G")
+
+
+def _gres(key: str, value) -> None:
+    if value is not None and not _GRES.match(str(value)):
+        raise ConfigError(f"{key}={value} is not allowed; give e.g. gpu:1 or gpu:a100:2")
+
+
+def _mapping(key: str, value) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value} is not allowed; give a mapping of sbatch options")
+
+
+def _text(why: str) -> Text:
+    return Text(why, null=True)
+
+
+# Every key of polyft's launchers (conf/hydra/launcher, over hydra-submitit-launcher's
+# schema): its rule, or, for text passed to sbatch as given, why any text is allowed.
+LAUNCHER_VALUES = {
+    "cpus_per_task": Number(1, integer=True, null=True), "tasks_per_node": Number(1, integer=True, null=True),
+    "nodes": Number(1, integer=True, null=True), "timeout_min": Number(1, integer=True, null=True),
+    "gpus_per_node": Number(0, integer=True, null=True), "gpus_per_task": Number(0, integer=True, null=True),
+    "cpus_per_gpu": Number(1, integer=True, null=True), "array_parallelism": Number(1, integer=True, null=True),
+    "max_num_timeout": Number(0, integer=True, null=True), "signal_delay_s": Number(0, integer=True, null=True),
+    "mem_gb": Number(0, low_open=True, null=True),
+    "mem_per_cpu": Custom(_memory, "a size such as 4000M", ("lots", "0M")),
+    "mem_per_gpu": Custom(_memory, "a size such as 16G", ("lots", "0G")),
+    "gres": Custom(_gres, "a SLURM gres such as gpu:a100:1", ("gpu a100",)),
+    "stderr_to_stdout": Flag(),
+    "additional_parameters": Custom(_mapping, "more sbatch options", ("abc",)),
+    "partition": _text("a partition of the cluster (checked against sinfo when there is one)"),
+    "account": _text("a SLURM account"), "qos": _text("a SLURM QOS"), "comment": _text("a job comment"),
+    "constraint": _text("node features, as sbatch --constraint takes them"),
+    "exclude": _text("node names, as sbatch --exclude takes them"),
+    "setup": Items(Text("a shell line run before the job", null=False), null=True),
+    "name": _text("the job name"), "submitit_folder": _text("a directory"),
+    "_target_": _text("the launcher class, set by the preset"),
+}
 
 
 def check_launcher(launcher, where: str = "hydra.launcher", resources=None) -> None:
@@ -58,22 +102,10 @@ def check_launcher(launcher, where: str = "hydra.launcher", resources=None) -> N
     if launcher is None or "submitit" not in str(launcher.get("_target_", "")) \
             and "polyft_launchers" not in str(launcher.get("_target_", "")):
         return
-    for key, least in (("cpus_per_task", 1), ("tasks_per_node", 1), ("nodes", 1), ("timeout_min", 1),
-                       ("gpus_per_node", 0), ("gpus_per_task", 0), ("cpus_per_gpu", 1),
-                       ("array_parallelism", 1), ("max_num_timeout", 0)):
-        value = launcher.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise ConfigError(f"{where}.{key}={value} is not allowed; it must be an integer >= {least}")
-    mem = launcher.get("mem_gb")
-    if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
-        raise ConfigError(f"{where}.mem_gb={mem} is not allowed; give the memory per node in GB, > 0")
-    for key in ("mem_per_cpu", "mem_per_gpu"):
-        value = launcher.get(key)
-        if value is not None and (not _MEM.match(str(value)) or int(re.sub(r"\D", "", str(value))) <= 0):
-            raise ConfigError(f"{where}.{key}={value} is not allowed; give a size such as 4000M or 16G")
-    gres = launcher.get("gres")
-    if gres is not None and not re.match(r"^[\w.-]+(:[\w.-]+)*(,[\w.-]+(:[\w.-]+)*)*$", str(gres)):
-        raise ConfigError(f"{where}.gres={gres} is not allowed; give e.g. gpu:1 or gpu:a100:2")
+    for key, value in launcher.items():
+        rule = LAUNCHER_VALUES.get(key)
+        if rule is not None:  # a launcher of another plugin's keys: that plugin's to check
+            rule.check(f"{where}.{key}", value)
     partition = launcher.get("partition")
     if partition is not None and "Slurm" in str(launcher.get("_target_", "")):
         known = cluster_partitions()

@@ -85,6 +85,9 @@ def check_launcher(cfg) -> None:
     from omegaconf import OmegaConf
 
     launcher = OmegaConf.to_container(cfg.hydra.launcher)
+    if not isinstance(launcher.get("_target_"), str):  # a cached config's hydra node is untyped
+        raise PolyftError(f"hydra.launcher._target_={launcher.get('_target_')} is not allowed; give the "
+                          "launcher class's import path, or choose a preset: hydra/launcher=slurm")
     ours = "polyft_launchers" in str(launcher.get("_target_"))
     if not ours and not cfg.resources:
         return

@@ -169,7 +169,8 @@ def eval_key(cfg, m: ModelRef, specs: list[TaskSpec]) -> dict:
                 if e.backend == "vllm" and (e.tensor_parallel_size, e.data_parallel_size) != (1, 1) else None)
     return {**({"parallel": parallel} if parallel else {}), "suite": e.suite, "tasks": tasks, "model": identity(m),
             "load": {"dtype": cfg.model.dtype, "revision": cfg.model.revision, "quant": quant,
-                     "trust_remote_code": cfg.model.trust_remote_code},
+                     "trust_remote_code": cfg.model.trust_remote_code,
+                     **({"attn_implementation": a} if (a := cfg.model.get("attn_implementation")) else {})},
             "backend": e.backend, "device": _device_type(cfg), "chat_template": chat_template(cfg, specs),
             "dtype_auto": "checkpoint",  # model.dtype=auto loads config.json's dtype, as lm-eval does
             "gen_kwargs": OmegaConf.to_container(e.gen_kwargs, resolve=True), "log_samples": e.log_samples,

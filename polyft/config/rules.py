@@ -14,15 +14,14 @@ import re
 from omegaconf import DictConfig
 
 from polyft.adapters.flix import FEATURE_TYPES
-from polyft.checks import choice, numbers
-from polyft.config import experiment
+from polyft.checks import choice
+from polyft.config import experiment, values
 from polyft.data.synthetic import GENERATORS, LANGS
 from polyft.data.xtremeup import LAYOUT, SPLITS, TASKS
 from polyft.errors import ConfigError, PolyftError
-from polyft.eval.specs import ENTRY_KEYS
 from polyft.merge import registry
 from polyft.merge.io import parse_size
-from polyft.sharding import QUANT_STORAGE, STATE_DICT_TYPES, deepspeed_names
+from polyft.sharding import deepspeed_names
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -70,52 +69,31 @@ def _check_alpha_ratio(a) -> None:
 
 
 def _check_adapter(a) -> None:
-    choice("adapter.type", a.type, ("full", "lora", "flix"))
     _check_alpha_ratio(a)
     if a.type == "flix":
         _check_flix(a)
     elif a.type != "full":
-        if a.r <= 0:
-            raise ConfigError(f"adapter.r={a.r} is not allowed; the LoRA rank must be a positive integer")
         if not a.match and a.alpha_ratio is None and (
                 isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or a.alpha <= 0):
             raise ConfigError(f"adapter.alpha={a.alpha} is not allowed; it must be a number > 0 "
                               "(or set adapter.alpha_ratio: alpha = ratio * r)")
-        if not 0 <= a.dropout < 1:
-            raise ConfigError(f"adapter.dropout={a.dropout} is not allowed; it must be in [0, 1)")
-        if not a.target_modules:
-            raise ConfigError("adapter.target_modules is empty; name module names or all-linear")
 
 
 def _check_quant(q) -> None:
-    choice("quant.bits", q.bits, (None, 4, 8))
-    choice("quant.quant_type", q.quant_type, ("nf4", "fp4"))
-    choice("quant.quant_storage", q.quant_storage, (None, *QUANT_STORAGE))
     if q.quant_storage is not None and q.bits != 4:
         raise ConfigError(f"quant.quant_storage={q.quant_storage} is for 4-bit bases (quant=4bit); "
                           "set quant.quant_storage=null")
 
 
 def check_data(d) -> None:
-    if d.temperature <= 0:
-        raise ConfigError(f"data.temperature={d.temperature} is not allowed; it must be > 0")
-    if d.max_length <= 8:
-        raise ConfigError(f"data.max_length={d.max_length} is not allowed; it must be > 8")
+    values.check_group("data", d)  # also for a data mapping read on its own (LoraHub's shots)
     if not d.sources:
         raise ConfigError(f"data={d.name} has no sources; add at least one under data.sources")
-    if not 0 <= d.validation_ratio < 1:
-        raise ConfigError(f"data.validation_ratio={d.validation_ratio} is not allowed; it must be in [0, 1) "
-                          "(the share of each source's rows held out for eval loss)")
     if all(s.validation for s in d.sources.values()):
         raise ConfigError(f"data={d.name}: every source has validation=true; at least one source must be "
                           "trained on")
     for name, s in d.sources.items():
         key = f"data.sources.{name}"
-        choice(f"{key}.type", s.type, ("synthetic", "jsonl", "parquet", "csv", "hub", "xtremeup"))
-        if s.weight <= 0:
-            raise ConfigError(f"{key}.weight={s.weight} is not allowed; mixture weights must be > 0")
-        if s.max_rows is not None and s.max_rows <= 0:
-            raise ConfigError(f"{key}.max_rows={s.max_rows} is not allowed; it must be > 0")
         if s.type == "synthetic":
             choice(f"{key}.generator", s.generator, GENERATORS)
             for lang in s.langs:
@@ -136,23 +114,8 @@ def check_data(d) -> None:
 
 
 def _check_train(t) -> None:
-    if t.num_processes < 1:
-        raise ConfigError(f"train.num_processes={t.num_processes} is not allowed; it must be >= 1")
-    choice("train.distributed", t.distributed, ("ddp", "fsdp", "deepspeed"))
-    choice("train.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr={t.lr} is not allowed; it must be > 0")
-    if t.batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if t.max_steps == 0 or (t.max_steps < 0 and t.epochs <= 0):
         raise ConfigError("train.max_steps must be > 0 (or -1 with train.epochs > 0)")
-    if not 0 <= t.warmup_ratio < 1:
-        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} is not allowed; it must be in [0, 1)")
-    if t.save_steps < 1:
-        raise ConfigError(f"train.save_steps={t.save_steps} is not allowed; it must be >= 1")
-    if t.eval_steps is not None and t.eval_steps < 1:
-        raise ConfigError(f"train.eval_steps={t.eval_steps} is not allowed; it must be >= 1 (or null: "
-                          "train.logging_steps)")
     _check_sharding(t)
 
 
@@ -176,7 +139,6 @@ def _check_sharding(t) -> None:
         raise ConfigError(f"train.deepspeed_config={t.deepspeed_config} is only read with "
                           f"train.distributed=deepspeed (it is {t.distributed}); set one or the other")
     f = t.fsdp
-    choice("train.fsdp.state_dict_type", f.state_dict_type, tuple(STATE_DICT_TYPES))
     if f.wrap_layer_cls is not None and (not f.wrap_layer_cls or not all(
             isinstance(c, str) and c.strip() for c in f.wrap_layer_cls)):
         raise ConfigError(f"train.fsdp.wrap_layer_cls={f.wrap_layer_cls} is not allowed; name module "
@@ -186,13 +148,6 @@ def _check_sharding(t) -> None:
 def _check_merge(m) -> None:
     """The engine's keys here; each method checks its own parameters (polyft.merge.registry)."""
     method = registry.get(m.method)
-    choice("merge.vocab", m.vocab, ("strict", "first"))
-    choice("merge.dtype", m.dtype, (None, "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"))
-    numbers("merge.scale", m.scale)
-    for i, w in enumerate(m.weights or []):
-        numbers(f"merge.weights[{i}]", w)
-    if parse_size(m.shard_size) <= 0:
-        raise ConfigError(f"merge.shard_size={m.shard_size} is not allowed; it must be > 0")
     if method.rules is not None:
         method.rules(m)
 
@@ -228,34 +183,9 @@ def _check_eval_parallel(e) -> None:
 
 def _check_eval(e) -> None:
     """Rules for the eval group (task names, languages, models and data: polyft.commands.eval)."""
-    choice("eval.backend", e.backend, ("hf", "vllm"))
     _check_eval_parallel(e)
-    bs = e.batch_size
-    factor = bs[5:] if isinstance(bs, str) and bs.startswith("auto:") else "1"
-    if not ((isinstance(bs, int) and not isinstance(bs, bool) and bs >= 1)
-            or (isinstance(bs, str) and bs.split(":")[0] == "auto" and factor.replace(".", "", 1).isdigit())):
-        raise ConfigError(f"eval.batch_size={bs} is not allowed; use a positive integer or auto (auto:N)")
-    if e.limit is not None and e.limit < 1:
-        raise ConfigError(f"eval.limit={e.limit} is not allowed; it must be >= 1 (or null for all)")
-    if e.num_fewshot is not None and e.num_fewshot < 0:
-        raise ConfigError(f"eval.num_fewshot={e.num_fewshot} is not allowed; it must be >= 0")
     if not e.tasks:
         raise ConfigError(f"eval={e.suite} has no tasks; list them under eval.tasks")
-    for i, t in enumerate(e.tasks):
-        entry = {"name": t} if isinstance(t, str) else t
-        if not isinstance(entry, (dict, DictConfig)) or not isinstance(entry.get("name"), str) or not entry["name"]:
-            raise ConfigError(f"eval.tasks[{i}]={t} is not allowed; give a task name or {{name: ..., lang: ...}}")
-        unknown = set(entry) - set(ENTRY_KEYS)
-        if unknown:
-            raise ConfigError(f"eval.tasks[{i}].{sorted(unknown)[0]}: unknown key; allowed keys: "
-                              f"{', '.join(ENTRY_KEYS)}")
-        if entry.get("apply_chat_template") not in (None, True, False):
-            raise ConfigError(f"eval.tasks[{i}].apply_chat_template={entry['apply_chat_template']} is not "
-                              "allowed; use true or false")
-        for key in ("num_fewshot", "limit"):
-            v = entry.get(key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (key == "limit")):
-                raise ConfigError(f"eval.tasks[{i}].{key}={v} is not allowed; it must be an integer >= {int(key == 'limit')}")
     refs = list(e.models) if e.models is not None else [e.model]
     if not refs or any(not isinstance(r, str) or not r.strip() for r in refs):
         raise ConfigError("eval.model / eval.models: give base or model/adapter paths")
@@ -266,12 +196,6 @@ def _check_eval(e) -> None:
 
 
 def _check_plan(p) -> None:
-    choice("plan.device", p.device, ("gpu", "cpu"))
-    for key in ("batch_size", "seq_len"):
-        if p[key] is not None and p[key] < 1:
-            raise ConfigError(f"plan.{key}={p[key]} is not allowed; it must be >= 1 (or null: the train config's)")
-    if not p.gpus or any(g <= 0 for g in p.gpus):
-        raise ConfigError(f"plan.gpus={list(p.gpus)} is not allowed; give GPU memory sizes in GB, e.g. [24,40,80]")
     for size in p.gres:
         if not str(size).isdigit() or int(size) not in p.gpus:
             raise ConfigError(f"plan.gres.{size}: not one of plan.gpus ({', '.join(map(str, p.gpus))})")
@@ -303,11 +227,9 @@ def _check_sharded_quant(cfg) -> None:
 
 
 def validate_groups(cfg: DictConfig) -> None:
-    """Cross-field rules for the groups the command uses. Raises ConfigError (one line)."""
-    choice("logger", cfg.logger.name, ("wandb", "tensorboard", "none"))
-    if cfg.logger.mode is not None:
-        choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
-    choice("model.chat_template", cfg.model.chat_template, ("model", "plain", "auto"))
+    """Every key's value (polyft.config.values), then the rules between keys of the groups
+    the command uses. Raises ConfigError (one line)."""
+    values.check_values(cfg)
     if cfg.command == "plan" or cfg.plan.fit:
         _check_plan(cfg.plan)
     if cfg.command in ("train", "run", "plan"):

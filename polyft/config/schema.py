@@ -36,6 +36,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     num_layers: Optional[int] = None  # known depth of a hub preset, for validating swaps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # null: transformers' choice (sdpa where the model supports it); eager, sdpa, flash_attention_2, ...
+    attn_implementation: Optional[str] = None
     # The chat template prompts are rendered with (training rows, eval with a chat template):
     # model = the tokenizer's own (refused if it has none); plain = polyft's PLAIN_TEMPLATE;
     # auto = the tokenizer's own, else plain (model=hf).
@@ -158,6 +160,7 @@ class TrainConfig:
     optimizer: str = "adamw_torch"
     max_grad_norm: float = 1.0
     save_steps: int = 50
+    save_total_limit: Optional[int] = 2  # checkpoints kept while training (the oldest go); null: all
     logging_steps: int = 5
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16

@@ -12,28 +12,16 @@ sources while checking a config, before anything is written.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
+from polyft.data import rows as files
 from polyft.data import xtremeup
-from polyft.data.jsonl import jsonl_rows
 from polyft.data.synthetic import generate
 from polyft.errors import PolyftError
 
 
-def _read_file(kind: str, path: Path) -> list[dict]:
-    if kind == "jsonl":
-        return [row for _, row in jsonl_rows(path)]
-    if kind == "csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            return list(csv.DictReader(fh))
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
-def _read_hub(key: str, src, offline: bool) -> list[dict]:
+def _read_hub(key: str, src, offline: bool) -> list[tuple[str, dict]]:
     if offline:
         if src.data_files:  # a copy of the repo's files: the same source, read from a directory
             raise PolyftError(
@@ -49,15 +37,16 @@ def _read_hub(key: str, src, offline: bool) -> list[dict]:
     except Exception as exc:  # noqa: BLE001 - any hub failure is the user's to fix
         raise PolyftError(f"{key}.path={src.path}: could not load from the hub ({type(exc).__name__}); "
                           "check the id, config and split, or use a local copy") from None
-    return [dict(r) for r in ds]
+    return [(f"row {i}", dict(r)) for i, r in enumerate(ds, 1)]
 
 
-def raw_rows(key: str, src, seed: int, offline: bool) -> list[dict]:
-    """The source's rows as stored, before field mapping."""
+def raw_rows(key: str, src, seed: int, offline: bool) -> tuple[str, list[tuple[str, dict]]]:
+    """(label, [(place, row)]): the source's rows as stored, before field mapping, and the
+    name its messages give it (the file, for a file)."""
     if src.type == "synthetic":
-        return generate(src.generator, list(src.langs), src.n, seed)
+        return key, [(f"row {i}", r) for i, r in enumerate(generate(src.generator, list(src.langs), src.n, seed), 1)]
     if src.type == "hub":
-        return _read_hub(key, src, offline)
+        return f"{key}.path={src.path}", _read_hub(key, src, offline)
     path = Path(src.path).expanduser()
     if src.data_files:
         if not path.is_dir():
@@ -68,7 +57,8 @@ def raw_rows(key: str, src, seed: int, offline: bool) -> list[dict]:
             raise PolyftError(f"{key}.data_files={src.data_files}: no such file in {src.path}")
     elif not path.is_file():
         raise PolyftError(f"{key}.path={src.path}: no such file (a local {src.type} file is expected)")
-    return _read_file(src.type, path)
+    label = f"{key}: {path}"
+    return label, files.read(path, src.type, label)
 
 
 def _xtremeup_rows(key: str, src) -> list[dict]:
@@ -111,15 +101,18 @@ def _chat(value, where: str) -> list[dict]:
     return out
 
 
-def _chat_rows(key: str, src, rows: list[dict], field: str, fixed: dict, lang_field: str | None) -> list[dict]:
+def _chat_rows(key: str, label: str, src, rows: list[tuple[str, dict]], field: str, fixed: dict,
+               lang_field: str | None) -> list[dict]:
     out = []
-    for i, r in enumerate(rows, 1):
-        messages = _chat(r[field], f"{key}: row {i}: {field}")
+    for place, r in rows:
+        if field not in r:
+            files.text(label, place, r, field)  # the one line for a row without the field
+        messages = _chat(r[field], f"{label}: {place}: {field}")
         if src.system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": src.system}, *messages]
         out.append({"prompt": "", "response": "", "messages": messages,
-                    "lang": fixed.get("lang") or str(r[lang_field]),
-                    "task": fixed.get("task") or str(r.get("task", "")) or None,
+                    "lang": fixed.get("lang") or files.text(label, place, r, lang_field),
+                    "task": fixed.get("task") or files.text(label, place, r, "task", optional=True) or None,
                     "source": key.rsplit(".", 1)[-1]})
     return out
 
@@ -128,14 +121,14 @@ def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
     """Rows {prompt, response, lang, task} of one source, field mapping applied."""
     if src.type == "xtremeup":
         return _xtremeup_rows(key, src)
-    rows = raw_rows(key, src, seed, offline)
+    label, rows = raw_rows(key, src, seed, offline)
     if not rows:
         raise PolyftError(f"{key}: the source has no rows")
-    columns = set(rows[0])
+    columns = set(rows[0][1])
     for col, value in src.where.items():
         if col not in columns:
             raise PolyftError(f"{key}.where.{col}: not a column of the source; columns: {', '.join(sorted(columns))}")
-        rows = [r for r in rows if str(r[col]) == str(value)]
+        rows = [(place, r) for place, r in rows if str(r.get(col)) == str(value)]
         if not rows:
             raise PolyftError(f"{key}.where.{col}={value} matches no rows")
     chat = messages_column(src, columns)
@@ -152,18 +145,19 @@ def load_source(key: str, src, seed: int, offline: bool) -> list[dict]:
     if "lang" not in fixed and lang_field is None:
         raise PolyftError(f"{key}: no language; set {key}.features.lang or {key}.lang_field to a column")
     if chat:
-        return _chat_rows(key, src, rows, chat, fixed, lang_field)
+        return _chat_rows(key, label, src, rows, chat, fixed, lang_field)
     system = {"system": src.system} if src.system and src.prompt_field else {}
     out = []
-    for r in rows:
-        prompt = str(r[src.prompt_field]) if src.prompt_field else ""
-        if src.input_field and r.get(src.input_field):
-            prompt = f"{prompt}\n\n{r[src.input_field]}"
+    for place, r in rows:
+        prompt = files.text(label, place, r, src.prompt_field) if src.prompt_field else ""
+        extra = files.text(label, place, r, src.input_field, optional=True) if src.input_field else None
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
         out.append({
             "prompt": prompt,
-            "response": str(r[src.response_field]),
-            "lang": fixed.get("lang") or str(r[lang_field]),
-            "task": fixed.get("task") or str(r.get("task", "")) or None,
+            "response": files.text(label, place, r, src.response_field),
+            "lang": fixed.get("lang") or files.text(label, place, r, lang_field),
+            "task": fixed.get("task") or files.text(label, place, r, "task", optional=True) or None,
             "source": key.rsplit(".", 1)[-1],
             **system,
         })

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from polyft.data.jsonl import jsonl_rows
+from polyft.data import rows as files
 from polyft.errors import PolyftError
 
 LAYOUT = "<root>/<task>/<split>/<lang>.jsonl"
@@ -131,14 +131,8 @@ def read_file(path: Path, task: str) -> list[dict]:
     """A release file's rows; each must be JSON with the task's fields as strings."""
 
     rows = []
-    for i, row in jsonl_rows(path):
-        missing = [f for f in FIELDS[task] if not isinstance(row, dict) or f not in row]
-        if missing:
-            raise PolyftError(f"{path}: line {i} has no field {missing[0]} (a {task} row has "
-                              f"{', '.join(FIELDS[task])})")
-        rows.append(row)
-    if not rows:
-        raise PolyftError(f"{path}: no rows")
+    for place, row in files.read(path, "jsonl"):
+        rows.append({f: files.text(str(path), place, row, f) for f in FIELDS[task]})
     return rows
 
 

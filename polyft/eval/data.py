@@ -25,10 +25,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+from polyft.checks import library_names
+from polyft.data import rows as files
 from polyft.data import synthetic, xtremeup
 from polyft.data.synthetic import NUMBER_WORDS, generate
 from polyft.errors import PolyftError
@@ -83,28 +86,71 @@ def use_local_copy(spec: TaskSpec, directory: Path) -> None:
         if split and _split_file(directory, split) is None:
             raise PolyftError(f"task {spec.name}: missing local data file {directory / split}.jsonl "
                               f"(a local copy of {dataset_id}; layout: {LAYOUT})")
-    files, builders = {}, set()
+    found, builders = {}, set()
     for key in SPLIT_KEYS:
         split = spec.get(key)
         if not split:
             continue
         f = _split_file(directory, split)
         if f is not None:
-            files[split] = f
+            found[split] = f
             builders.add(EXTENSIONS[f.suffix])
         else:
             spec.overrides[key] = None
     fs_conf = spec.get("fewshot_config") or {}
-    if fs_conf.get("split") and fs_conf["split"] not in files:
+    if fs_conf.get("split") and fs_conf["split"] not in found:
         if any(isinstance(v, str) and v.startswith("!function") for v in fs_conf.values()):
             raise PolyftError(f"task {spec.name}: missing local data file {directory / fs_conf['split']}.jsonl")
         spec.overrides["fewshot_config"] = {**fs_conf, "split": None}
     if len(builders) > 1:
         raise PolyftError(f"task {spec.name}: local files in {directory} mix formats; use one of "
                           "jsonl, parquet or csv for all splits")
-    spec.data_files = {split: str(f.resolve()) for split, f in files.items()}
+    spec.data_files = {split: str(f.resolve()) for split, f in found.items()}
     spec.overrides.update(dataset_path=builders.pop(), dataset_name=None,
                           dataset_kwargs={"data_files": dict(spec.data_files)})
+    check_local_files(spec)
+
+
+_FIELD = re.compile(r"\{\{\s*([A-Za-z_]\w*)")
+_LOCAL = re.compile(r"\{%-?\s*(?:for|set)\s+([A-Za-z_]\w*)")  # a template's own variables
+_KIND = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
+def template_fields(spec: TaskSpec) -> list[str]:
+    """The row fields a task's prompts name: {{field}} in doc_to_text/target/choice, or a
+    bare field name as the whole value (a !function's fields are its own business)."""
+    out = []
+    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+        value = spec.get(key)
+        if not isinstance(value, str) or value.startswith("!function"):
+            continue
+        names = _FIELD.findall(value) if "{{" in value else ([value] if value.isidentifier() else [])
+        local = set(_LOCAL.findall(value)) | {"loop", "range", "true", "false", "none", "True", "False", "None"}
+        out += [n for n in names if n not in out and n not in local]
+    return out
+
+
+def check_local_files(spec: TaskSpec) -> None:
+    """A local copy's files, before lm-eval reads them: UTF-8, rows that are JSON objects
+    (jsonl), not empty, and every row holding the fields the task's prompts name. Their
+    types are the task's business: a null answer, a label number and a list of choices are
+    all fields real datasets have (MGSM's test answers are null)."""
+    fields = template_fields(spec)
+    for path in spec.data_files.values():
+        label = f"task {spec.name}: {path}"
+        kind = _KIND.get(Path(path).suffix)
+        if kind is None:  # .json: one JSON document, read by datasets
+            files.decoded(Path(path), label)
+            continue
+        for place, row in files.read(path, kind, label):
+            for name in fields:
+                if name not in row:
+                    raise PolyftError(f"{label}: {place} has no field {name}, which the task's prompts use "
+                                      f"(its fields: {', '.join(map(str, row))})")
+
+
+def output_types() -> tuple:
+    return library_names("lm_eval.api.task", "ALL_OUTPUT_TYPES")
 
 
 def hub_cached(dataset_id: str, config: str | None) -> bool:
@@ -123,6 +169,10 @@ def plan_data(specs: list[TaskSpec], *, data_dir: str | None, demo_root: Path, o
               xtremeup_root: str | None = None) -> None:
     """Decide where every task reads its data; raise PolyftError when that cannot work."""
     for spec in specs:
+        kind = spec.get("output_type")
+        if kind is not None and kind not in output_types():
+            raise PolyftError(f"task {spec.name} ({spec.source}): output_type={kind} is not one of lm-eval's: "
+                              f"{', '.join(output_types())}")
         if spec.family is not None:
             spec.overrides["task"] = spec.name
             if spec.family.xtremeup_task:
@@ -164,11 +214,13 @@ def xtremeup_files(spec: TaskSpec, root: str | None) -> None:
         raise PolyftError(f"task {spec.name} reads a local XTREME-UP release; set eval.xtremeup_root=DIR "
                           f"(layout {xtremeup.LAYOUT})")
     what = f"task {spec.name}: eval.xtremeup_root={root}"
-    files = {"test": xtremeup.lang_file(root, task, "test", lang, what)}
+    found = {"test": xtremeup.lang_file(root, task, "test", lang, what)}
     if spec.fewshot > 0:
-        files["train"] = xtremeup.lang_file(root, task, "train", lang, what)
-    spec.data_files = {split: str(f.resolve()) for split, f in files.items()}
-    fewshot = "train" if "train" in files else None
+        found["train"] = xtremeup.lang_file(root, task, "train", lang, what)
+    for f in found.values():  # refused now, not when lm-eval loads it
+        xtremeup.read_file(f, task)
+    spec.data_files = {split: str(f.resolve()) for split, f in found.items()}
+    fewshot = "train" if "train" in found else None
     spec.overrides.update(
         training_split=fewshot, fewshot_split=fewshot,
         dataset_kwargs={"xtremeup_task": task, "xtremeup_lang": lang, "data_files": dict(spec.data_files)},

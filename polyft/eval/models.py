@@ -166,8 +166,8 @@ class HFModels:
     def _key(self, path: str) -> str:
         quant = dict(self.quant_cfg) if self.quant_cfg is not None else None
         return json.dumps([path, self.model_cfg.dtype, self.model_cfg.revision, quant, self.device,
-                           self.allow_pickle, self.parallelize, self.max_memory_per_gpu, self.max_cpu_memory],
-                          sort_keys=True, default=str)
+                           self.allow_pickle, self.parallelize, self.max_memory_per_gpu, self.max_cpu_memory,
+                           self.model_cfg.get("attn_implementation")], sort_keys=True, default=str)
 
     def plain(self, path: str):
         """The base model at `path` with no adapter in it, loaded only if not already held."""

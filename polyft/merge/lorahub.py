@@ -42,7 +42,7 @@ from polyft import console
 from polyft.adapters.lora import WEIGHTS_FILE, copy_tokenizer, read_lora, read_lora_config, write_lora
 from polyft.checks import choice
 from polyft.data.formatting import check_chat_template, encode, use_chat_template
-from polyft.data.jsonl import jsonl_rows
+from polyft.data import rows as files
 from polyft.errors import ConfigError, PolyftError
 from polyft.merge.io import has_tokenizer, read_header
 from polyft.merge.registry import register_adapter
@@ -169,16 +169,16 @@ def few_shot_rows(cfg, refs) -> tuple[list[dict], int]:
     if not path.is_file():
         raise PolyftError(f"merge.data={data}: no such file; give a jsonl file with "
                           f"{m.prompt_field} and {m.response_field} fields, or a data option name")
+    label = f"merge.data={data}"
     rows = []
-    for i, row in jsonl_rows(path, f"merge.data={data}"):
-        if not isinstance(row, dict) or m.prompt_field not in row or m.response_field not in row:
-            have = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-            raise PolyftError(f"merge.data={data}: line {i} lacks {m.prompt_field!r} or {m.response_field!r} "
-                              f"(has: {have}); set merge.prompt_field / merge.response_field")
-        rows.append({"prompt": str(row[m.prompt_field]), "response": str(row[m.response_field]),
-                     "lang": str(row.get("lang") or ""), "task": row.get("task")})
-    if not rows:
-        raise PolyftError(f"merge.data={data}: the few-shot file has no rows")
+    for place, row in files.read(path, "jsonl", label):
+        if m.prompt_field not in row or m.response_field not in row:
+            raise PolyftError(f"{label}: {place} lacks {m.prompt_field!r} or {m.response_field!r} "
+                              f"(has: {', '.join(sorted(row))}); set merge.prompt_field / merge.response_field")
+        rows.append({"prompt": files.text(label, place, row, m.prompt_field),
+                     "response": files.text(label, place, row, m.response_field),
+                     "lang": files.text(label, place, row, "lang", optional=True) or "",
+                     "task": files.text(label, place, row, "task", optional=True)})
     return rows, m.max_length or _JSONL_MAX_LENGTH
 
 

@@ -162,6 +162,10 @@ def safetensors_names(path: str | os.PathLike) -> list[str]:
     return names
 
 
+# model.dtype and quant.compute_dtype names; auto: bf16 on a GPU, fp32 on CPU
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
 def torch_dtype(name: str, on_gpu: bool):
     import torch
 
@@ -205,9 +209,14 @@ def load_base(path: str, model_cfg, quant_cfg=None, allow_pickle: bool = False, 
     on_gpu = torch.cuda.is_available()
     if dtype != "auto":
         dtype = torch_dtype(dtype or model_cfg.dtype, on_gpu)
-    qconf = quantization_config(quant_cfg, dtype) if quant_cfg is not None else None
+    qconf = None
+    if quant_cfg is not None:  # 4-bit compute runs in the model's dtype unless quant.compute_dtype says
+        compute = quant_cfg.get("compute_dtype", "auto")
+        qconf = quantization_config(quant_cfg, dtype if compute == "auto" else torch_dtype(compute, on_gpu))
     kwargs = dict(dtype=dtype, trust_remote_code=bool(model_cfg.trust_remote_code),
                   use_safetensors=None if allow_pickle else True)
+    if model_cfg.get("attn_implementation"):
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
     if model_cfg.revision:
         kwargs["revision"] = model_cfg.revision
     if qconf is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from polyft.data.synthetic import corpus
 from polyft.runs import file_lock
 
+ARCHS = ("llama", "mistral")
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # Turns end with <|eos|>, so a prompt rendered with add_generation_prompt is a prefix of the
@@ -33,7 +34,7 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class TinySpec:
-    arch: str = "llama"  # llama | mistral
+    arch: str = "llama"  # one of ARCHS
     hidden_size: int = 64
     intermediate_size: int = 128
     num_layers: int = 6

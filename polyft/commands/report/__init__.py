@@ -39,6 +39,7 @@ from polyft.commands.report.tables import (
 )
 from polyft.commands.report.tidy import to_csv
 from polyft.errors import PolyftError
+from polyft.runs import write_text
 
 # what other modules and the tests use from here
 __all__ = ["HIGH_RESOURCE", "ZERO_SHOT", "ZERO_SHOT_NOTE", "GroupTable", "Scope", "Table", "build_tables", "collect",
@@ -84,8 +85,8 @@ def write_report(rows: list[dict], out_dir: Path, metric: str | None = None, gro
         md += "\n\n" + paired.to_markdown(found, compare)
         files["compare.md"] = paired.to_markdown(found, compare) + "\n"
         files["compare.csv"] = paired.to_csv(found, compare)
-    for name, text in files.items():
-        (out_dir / name).write_text(text, encoding="utf-8")
+    for name, text in files.items():  # each whole or not at all (written aside, renamed)
+        write_text(out_dir / name, text)
     plots = write_plots(tables, out_dir)
     written = [out_dir / n for n in files] + [q for p in plots for q in (p, p.with_suffix(".json"))]
     (out_dir / INDEX).write_text(json.dumps({"files": [p.name for p in written]}, indent=1) + "\n")
