@@ -46,8 +46,11 @@ transfer_powered)
   finish $A $B
   SWEEP="-m seed=0,1,2" ;;
 ties_powered)
-  lane a "$P train $E expert=math" "$P eval $E 'eval.models=[math,base]'"; A=$!
-  lane b "$P train $E expert=ct" "$P merge $E" "$P eval $E 'eval.models=[ct,ties_sv,ties]'"; B=$!
+  lane a "$P train $E expert=math"; A=$!
+  lane b "$P train $E expert=ct"; B=$!
+  finish $A $B
+  lane a2 "$P eval $E 'eval.models=[math,base]'"; A=$!
+  lane b2 "$P merge $E" "$P eval $E 'eval.models=[ct,ties_sv,ties]'"; B=$!
   finish $A $B
   SWEEP="" ;;
 maple_powered)
