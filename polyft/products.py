@@ -177,7 +177,7 @@ def existing_product(p: TrainPlan) -> Path | None:
 def expert_config(cfg: DictConfig, name: str) -> DictConfig:
     """Expert `name`'s config, with a LoRA sized to a FLix expert resolved (reads its data)."""
     out = expert_cfg(cfg, name)
-    if out.adapter.get("match") and not cfg.get("expert"):
+    if out.adapter.get("match"):
         out = resolve_match(out, cfg)
     return out
 

@@ -117,3 +117,16 @@ def test_flix_xtremeup_composes_and_its_sweep_is_validated_before_running(cli):
         proc = cli("train", "+exp=flix_xtremeup", f"eval.xtremeup_root={root}", "-m", *bad)
         assert_user_error(proc, "adapter.")
         assert not (cli.cwd / "multirun").exists() and not (cli.cwd / "outputs" / "runs").exists()
+
+
+def test_a_matched_lora_trained_alone_is_the_product_its_experiment_uses():
+    """`polyft train +exp=... expert=shared` sizes the LoRA to its FLix expert as `polyft run`
+    does (it used to skip the match and fail on FLix's per-type alpha)."""
+    from polyft.cli.compose import compose
+    from polyft.products import expert_config, train_plan
+
+    alone = compose("train", ["+exp=flix_demo", "model=tiny-llama", "expert=shared"])
+    whole = compose("run", ["+exp=flix_demo", "model=tiny-llama"])
+    a, w = expert_config(alone, "shared"), expert_config(whole, "shared")
+    assert a.adapter.type == "lora" and isinstance(a.adapter.r, int) and a.adapter.r == w.adapter.r
+    assert train_plan(a, build_model=False).key == train_plan(w, build_model=False).key
