@@ -50,30 +50,22 @@ def read_spec(name: str) -> dict:
     return spec
 
 
-def dotted(cfg: dict, key: str):
-    for part in key.split("."):
-        if not isinstance(cfg, dict) or part not in cfg:
-            return None
-        cfg = cfg[part]
-    return cfg
-
-
 def load(root: Path, spec: dict) -> dict:
     """seed -> {(row label, task): (value, stderr, n)} from the latest ok run record per seed
     and sweep point."""
+    from polyft.commands.report.scope import value_at
     from polyft.runs import load_runs
 
     records = [r for r in load_runs(root) if r.get("command") == "run" and r.get("status") == "ok"
-               and (r.get("config") or {}).get("exp_name") == spec["exp"]
-               and (r.get("config") or {}).get("seed") in spec["seeds"]
-               and all(dotted(r["config"], k) == v for k, v in (spec.get("select") or {}).items())]
+               and value_at(r, "exp_name") == spec["exp"] and value_at(r, "seed") in spec["seeds"]
+               and all(value_at(r, k) == v for k, v in (spec.get("select") or {}).items())]
     records.sort(key=lambda r: (r.get("started", ""), r["run_dir"]))
     want = {(c["task"], c["metric"], c["filter"]) for c in spec["cells"]}
     out: dict[int, dict] = {s: {} for s in spec["seeds"]}
     for rec in records:  # later records overwrite earlier ones
         seed = rec["config"]["seed"]
         for row in spec["rows"]:
-            if not all(dotted(rec["config"], k) == v for k, v in row["point"].items()):
+            if not all(value_at(rec, k) == v for k, v in row["point"].items()):
                 continue
             for r in (rec.get("metrics") or {}).get("results", []):
                 if r["model"] == row["model"] and (r["task"], r["metric"], r.get("filter")) in want:
@@ -81,15 +73,13 @@ def load(root: Path, spec: dict) -> dict:
     return out
 
 
-def sd(xs: list[float]) -> float:
-    return statistics.stdev(xs) if len(xs) > 1 else float("nan")
-
-
 def pct(x) -> str:
     return "—" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
 def table(data: dict, spec: dict) -> str:
+    from polyft.commands.report.stats import summarise
+
     seeds = spec["seeds"]
     head = "| model | " + " | ".join(f"s{s}" for s in seeds) + " | mean ± sd | SE (per seed) | SE (mean) |"
     lines = []
@@ -103,11 +93,10 @@ def table(data: dict, spec: dict) -> str:
             got = [v for v in vals if v is not None]
             if not got:
                 continue
-            xs, ses = [v[0] for v in got], [v[1] for v in got]
-            mean = sum(xs) / len(xs)
-            spread = f"{pct(mean)} ± {pct(sd(xs))}" if len(xs) > 1 else pct(mean)
+            st = summarise([v[0] for v in got], [v[1] for v in got])
+            spread = f"{pct(st.mean)} ± {pct(st.sd)}" if st.k > 1 else pct(st.mean)
             lines.append(f"| {row['label']} | " + " | ".join(pct(v[0]) if v else "—" for v in vals)
-                         + f" | {spread} | {pct(sum(ses) / len(ses))} | {pct(math.sqrt(sum(e * e for e in ses)) / len(ses))} |")
+                         + f" | {spread} | {pct(sum(v[1] for v in got) / st.k)} | {pct(st.se)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -143,6 +132,8 @@ def precondition(data: dict, spec: dict) -> tuple[list[int], str]:
 
 def compare(data: dict, seeds: list[int], row: str, ref, task: str) -> tuple[str, str]:
     """One comparison over the seeds read: its verdict and its line."""
+    from polyft.commands.report.stats import se_of_mean
+
     refs = ref if isinstance(ref, list) else [ref]
     ds, ses = [], []
     for s in seeds:
@@ -153,8 +144,8 @@ def compare(data: dict, seeds: list[int], row: str, ref, task: str) -> tuple[str
         ses.append(se)
     n = len(ds)
     mean = sum(ds) / n
-    se_pool = math.sqrt(sum(e * e for e in ses)) / n
-    spread = sd(ds) / math.sqrt(n) if n > 1 else 0.0
+    se_pool = se_of_mean(ses)
+    spread = statistics.stdev(ds) / math.sqrt(n) if n > 1 else 0.0
     se_all = max(se_pool, spread)
     need = min(2, n)
     wins = sum(d > 2 * e for d, e in zip(ds, ses))
