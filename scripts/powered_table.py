@@ -41,7 +41,8 @@ def read_spec(name: str) -> dict:
     path = SPECS / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SPECS.glob("*.yaml")))
-        raise SystemExit(f"{name}: no spec {path}; known: {known}")
+        print(f"{name}: no spec {path}; known: {known}", file=sys.stderr)
+        raise SystemExit(2)
     spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     spec["rows"] = [r if isinstance(r, dict) else {"label": r, "model": r} for r in spec["rows"]]
     for r in spec["rows"]:

@@ -283,3 +283,11 @@ def test_toy_words_is_the_words_task_with_200_rows(tmp_path):
     fam = {f.prefix: f for f in FAMILIES}
     assert fam["toy_words"].test_rows == 200 and fam["toy_words"].generator == "instructions"
     assert fam["toy_words"].template == fam["demo_words"].template
+
+
+def test_an_unknown_spec_is_one_line_and_exit_2(capsys):
+    m = load_script()
+    with pytest.raises(SystemExit) as exc:
+        m.main(["nosuch"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "transfer_powered" in err
