@@ -69,5 +69,8 @@ flix_powered)
 esac
 # shellcheck disable=SC2086
 $P run $E $SWEEP >"$LOG/tables.log" 2>&1 || { cat "$LOG/tables.log" >&2; exit 1; }
-$PYTHON scripts/powered_table.py "$NAME"
-case $NAME in maple_powered) $PYTHON scripts/powered_table.py maple_powered_bits ;; esac
+# The full table (docs/results-real.md), then the short form (the README's)
+SPECS=$NAME
+case $NAME in maple_powered) SPECS="maple_powered maple_powered_bits" ;; esac
+for s in $SPECS; do $PYTHON scripts/powered_table.py "$s"; done
+for s in $SPECS; do echo; $PYTHON scripts/powered_table.py "$s" --brief; done

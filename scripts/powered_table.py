@@ -133,6 +133,15 @@ def precondition(data: dict, spec: dict) -> tuple[list[int], str]:
 
 def compare(data: dict, seeds: list[int], row: str, ref, task: str) -> tuple[str, str]:
     """One comparison over the seeds read: its verdict and its line."""
+    c = comparison(data, seeds, row, ref, task)
+    line = (f"{c['name']} on {task}: per seed " + ", ".join(f"{100 * d:+.1f} (2 SE {200 * e:.1f})" for d, e in zip(c['ds'], c['ses']))
+            + f"; mean {100 * c['mean']:+.1f}, SE {100 * c['se']:.1f} (item-pooled {100 * c['se_pool']:.1f}, seed sd/sqrt(n) "
+            f"{100 * c['spread']:.1f}); seeds > 2 SE: {c['wins']}, < -2 SE: {c['losses']} -> {c['verdict']}")
+    return c["verdict"], line
+
+
+def comparison(data: dict, seeds: list[int], row: str, ref, task: str) -> dict:
+    """The numbers of one comparison row - ref (ref: a label, or a list: the best per seed)."""
     from polyft.commands.report.stats import se_of_mean
 
     refs = ref if isinstance(ref, list) else [ref]
@@ -153,11 +162,9 @@ def compare(data: dict, seeds: list[int], row: str, ref, task: str) -> tuple[str
     losses = sum(d < -2 * e for d, e in zip(ds, ses))
     verdict = ("appears" if mean > 2 * se_all and wins >= need
                else "reversed" if mean < -2 * se_all and losses >= need else "not shown")
-    name = f"best of ({', '.join(refs)})" if len(refs) > 1 else refs[0]
-    line = (f"{row} - {name} on {task}: per seed " + ", ".join(f"{100 * d:+.1f} (2 SE {200 * e:.1f})" for d, e in zip(ds, ses))
-            + f"; mean {100 * mean:+.1f}, SE {100 * se_all:.1f} (item-pooled {100 * se_pool:.1f}, seed sd/sqrt(n) "
-            f"{100 * spread:.1f}); seeds > 2 SE: {wins}, < -2 SE: {losses} -> {verdict}")
-    return verdict, line
+    name = f"{row} - " + (f"best of ({', '.join(refs)})" if len(refs) > 1 else refs[0])
+    return {"name": name, "ds": ds, "ses": ses, "mean": mean, "se": se_all, "se_pool": se_pool,
+            "spread": spread, "wins": wins, "losses": losses, "verdict": verdict}
 
 
 def decide(data: dict, seeds: list[int], spec: dict) -> tuple[str, str]:
@@ -189,10 +196,49 @@ def render(data: dict, spec: dict) -> str:
     return "\n".join(out)
 
 
+def brief(data: dict, spec: dict) -> str:
+    """The table in a dozen lines (the README's form): each row on every cell as mean +- sd over
+    seeds (one seed: the value and its SE), which seeds pass the precondition, each comparison
+    of the rule as its mean and SE, and the verdict."""
+    from polyft.commands.report.stats import summarise
+
+    seeds = spec["seeds"]
+    tasks = [c["task"] for c in spec["cells"]]
+    n = next((c[2] for d in data.values() for c in d.values()), "?")
+    lines = [f"{spec['exp']}: {spec.get('title', '')}; seeds {seeds}, n = {n} items per cell, "
+             f"{'mean ± sd over seeds' if len(seeds) > 1 else 'value (SE)'}", "",
+             "| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for row in spec["rows"]:
+        out = []
+        for task in tasks:
+            got = [data[s][(row["label"], task)] for s in seeds if (row["label"], task) in data[s]]
+            if not got:
+                out.append("—")
+                continue
+            st = summarise([v[0] for v in got], [v[1] for v in got])
+            out.append(f"{pct(st.mean)} ± {pct(st.sd)}" if st.k > 1 else f"{pct(st.mean)} ({pct(st.se)})")
+        lines.append(f"| {row['label']} | " + " | ".join(out) + " |")
+    ok, _ = precondition(data, spec)
+    checks = "; ".join(f"{c['row']} > {c['ref']} on {c['task']}" for c in spec.get("precondition") or [])
+    lines += ["", f"Precondition ({checks}, each by > 2 SE): seeds {ok} of {seeds} pass.", ""]
+    verdict, _ = decide(data, ok, spec)
+    rule = spec["rule"]
+    need = rule.get("need", len(rule["compare"]))
+    lines.append(f"Rule ({need} of {len(rule['compare'])} must appear, none reversed):")
+    if verdict != "not testable":
+        for c in rule["compare"]:
+            r = comparison(data, ok, c["row"], c["ref"], c.get("task", rule.get("task")))
+            lines.append(f"- {r['name']} on {c.get('task', rule.get('task'))}: {100 * r['mean']:+.1f} "
+                         f"(SE {100 * r['se']:.1f}; {r['wins']} of {len(ok)} seeds beyond their 2 SE) -> {r['verdict']}")
+    lines += ["", VERDICTS.get(verdict, "**Not testable**: too few seeds pass the precondition.")]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name", help="a spec in scripts/powered/ (e.g. swap_powered_de)")
     ap.add_argument("--root", default="outputs")
+    ap.add_argument("--brief", action="store_true", help="the short form the README shows")
     args = ap.parse_args(argv)
     spec = read_spec(args.name)
     data = load(Path(args.root), spec)
@@ -202,11 +248,11 @@ def main(argv=None) -> int:
         print(f"{spec['exp']}: no finished `polyft run` record for seed(s) {missing}; run: {command}",
               file=sys.stderr)
         return 2
-    text = render(data, spec)
+    text = brief(data, spec) if args.brief else render(data, spec)
     print(text)
     report = Path(args.root) / "reports" / args.name
     report.mkdir(parents=True, exist_ok=True)
-    (report / "table.md").write_text(text + "\n", encoding="utf-8")
+    (report / ("brief.md" if args.brief else "table.md")).write_text(text + "\n", encoding="utf-8")
     return 0
 
 

@@ -291,3 +291,23 @@ def test_an_unknown_spec_is_one_line_and_exit_2(capsys):
         m.main(["nosuch"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and "transfer_powered" in err
+
+
+def test_brief_form_has_mean_and_sd_per_cell_and_the_full_forms_verdict():
+    """The README's short form: mean +- sd over seeds written out here (sample sd), the seeds
+    that pass, and the same verdict as the full table."""
+    import statistics
+
+    m = load_script()
+    spec = m.read_spec("swap_powered_de")
+    swaps = (0.5, 0.44, 0.41)
+    data = {s: seed_cells(v) for s, v in zip(spec["seeds"], swaps)}
+    text = m.brief(data, spec)
+    mean, sd = 100 * statistics.mean(swaps), 100 * statistics.stdev(swaps)
+    assert f"| swap | {mean:.1f} ± {sd:.1f} |" in text
+    assert "seeds [0, 1, 2] of [0, 1, 2] pass" in text
+    verdict = m.decide(data, [0, 1, 2], spec)[0]
+    assert m.VERDICTS[verdict] in text and m.VERDICTS[verdict] in m.render(data, spec)
+    # one seed failing its precondition leaves it out of the rule's seeds
+    data[1] = seed_cells(0.44, base_num=0.05, lang_num=0.03)
+    assert "seeds [0, 2] of [0, 1, 2] pass" in m.brief(data, spec)
