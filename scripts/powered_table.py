@@ -140,6 +140,11 @@ def compare(data: dict, seeds: list[int], row: str, ref, task: str) -> tuple[str
     return c["verdict"], line
 
 
+def label(row: str, ref) -> str:
+    refs = ref if isinstance(ref, list) else [ref]
+    return f"{row} - " + (f"best of ({', '.join(refs)})" if len(refs) > 1 else refs[0])
+
+
 def comparison(data: dict, seeds: list[int], row: str, ref, task: str) -> dict:
     """The numbers of one comparison row - ref (ref: a label, or a list: the best per seed)."""
     from polyft.commands.report.stats import se_of_mean
@@ -162,8 +167,7 @@ def comparison(data: dict, seeds: list[int], row: str, ref, task: str) -> dict:
     losses = sum(d < -2 * e for d, e in zip(ds, ses))
     verdict = ("appears" if mean > 2 * se_all and wins >= need
                else "reversed" if mean < -2 * se_all and losses >= need else "not shown")
-    name = f"{row} - " + (f"best of ({', '.join(refs)})" if len(refs) > 1 else refs[0])
-    return {"name": name, "ds": ds, "ses": ses, "mean": mean, "se": se_all, "se_pool": se_pool,
+    return {"name": label(row, ref), "ds": ds, "ses": ses, "mean": mean, "se": se_all, "se_pool": se_pool,
             "spread": spread, "wins": wins, "losses": losses, "verdict": verdict}
 
 
@@ -225,11 +229,14 @@ def brief(data: dict, spec: dict) -> str:
     rule = spec["rule"]
     need = rule.get("need", len(rule["compare"]))
     lines.append(f"Rule ({need} of {len(rule['compare'])} must appear, none reversed):")
-    if verdict != "not testable":
-        for c in rule["compare"]:
-            r = comparison(data, ok, c["row"], c["ref"], c.get("task", rule.get("task")))
-            lines.append(f"- {r['name']} on {c.get('task', rule.get('task'))}: {100 * r['mean']:+.1f} "
-                         f"(SE {100 * r['se']:.1f}; {r['wins']} of {len(ok)} seeds beyond their 2 SE) -> {r['verdict']}")
+    for c in rule["compare"]:
+        task = c.get("task", rule.get("task"))
+        if verdict == "not testable":
+            lines.append(f"- {label(c['row'], c['ref'])} on {task}: not read")
+            continue
+        r = comparison(data, ok, c["row"], c["ref"], task)
+        lines.append(f"- {r['name']} on {task}: {100 * r['mean']:+.1f} "
+                     f"(SE {100 * r['se']:.1f}; {r['wins']} of {len(ok)} seeds beyond their 2 SE) -> {r['verdict']}")
     lines += ["", VERDICTS.get(verdict, "**Not testable**: too few seeds pass the precondition.")]
     return "\n".join(lines)
 
