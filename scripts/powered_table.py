@@ -134,10 +134,14 @@ def precondition(data: dict, spec: dict) -> tuple[list[int], str]:
 def compare(data: dict, seeds: list[int], row: str, ref, task: str) -> tuple[str, str]:
     """One comparison over the seeds read: its verdict and its line."""
     c = comparison(data, seeds, row, ref, task)
-    line = (f"{c['name']} on {task}: per seed " + ", ".join(f"{100 * d:+.1f} (2 SE {200 * e:.1f})" for d, e in zip(c['ds'], c['ses']))
+    return c["verdict"], line_of(c)
+
+
+def line_of(c: dict) -> str:
+    """A comparison as the full table writes it: per seed, then the mean and its SE."""
+    return (f"{c['name']} on {c['task']}: per seed " + ", ".join(f"{100 * d:+.1f} (2 SE {200 * e:.1f})" for d, e in zip(c['ds'], c['ses']))
             + f"; mean {100 * c['mean']:+.1f}, SE {100 * c['se']:.1f} (item-pooled {100 * c['se_pool']:.1f}, seed sd/sqrt(n) "
             f"{100 * c['spread']:.1f}); seeds > 2 SE: {c['wins']}, < -2 SE: {c['losses']} -> {c['verdict']}")
-    return c["verdict"], line
 
 
 def label(row: str, ref) -> str:
@@ -167,24 +171,25 @@ def comparison(data: dict, seeds: list[int], row: str, ref, task: str) -> dict:
     losses = sum(d < -2 * e for d, e in zip(ds, ses))
     verdict = ("appears" if mean > 2 * se_all and wins >= need
                else "reversed" if mean < -2 * se_all and losses >= need else "not shown")
-    return {"name": label(row, ref), "ds": ds, "ses": ses, "mean": mean, "se": se_all, "se_pool": se_pool,
+    return {"name": label(row, ref), "task": task, "ds": ds, "ses": ses, "mean": mean, "se": se_all, "se_pool": se_pool,
             "spread": spread, "wins": wins, "losses": losses, "verdict": verdict}
 
 
-def decide(data: dict, seeds: list[int], spec: dict) -> tuple[str, str]:
-    """The spec's rule over the seeds that passed the precondition."""
+def decide(data: dict, seeds: list[int], spec: dict) -> tuple[str, list[dict]]:
+    """The spec's rule over the seeds that passed the precondition: its verdict and its
+    comparisons (none when it is not testable)."""
     rule = spec["rule"]
     if len(seeds) < min(2, len(spec["seeds"])):
-        return "not testable", "too few seeds pass the precondition"
-    verdicts, lines = [], []
-    for c in rule["compare"]:
-        v, line = compare(data, seeds, c["row"], c["ref"], c.get("task", rule.get("task")))
-        verdicts.append(v)
-        lines.append(line)
+        return "not testable", []
+    found = [comparison(data, seeds, c["row"], c["ref"], c.get("task", rule.get("task"))) for c in rule["compare"]]
+    verdicts = [c["verdict"] for c in found]
     need = rule.get("need", len(verdicts))
     up, down = verdicts.count("appears"), verdicts.count("reversed")
     verdict = ("appears" if up >= need and down == 0 else "reversed" if down >= need and up == 0 else "not shown")
-    return verdict, "\n".join(lines)
+    return verdict, found
+
+
+NOT_TESTABLE = "too few seeds pass the precondition"
 
 
 def render(data: dict, spec: dict) -> str:
@@ -192,7 +197,8 @@ def render(data: dict, spec: dict) -> str:
            table(data, spec), "#### Precondition (row beats ref by > 2 SE of the difference)", ""]
     ok, pre = precondition(data, spec)
     out += [pre, ""]
-    verdict, why = decide(data, ok, spec)
+    verdict, found = decide(data, ok, spec)
+    why = "\n".join(line_of(c) for c in found) if found else NOT_TESTABLE
     need = spec["rule"].get("need", len(spec["rule"]["compare"]))
     out += [f"#### Decision rule (seeds read: {ok}; the effect appears when {need} of "
             f"{len(spec['rule']['compare'])} comparisons appear and none is reversed)", "", "```", why, "```", "",
@@ -225,19 +231,16 @@ def brief(data: dict, spec: dict) -> str:
     ok, _ = precondition(data, spec)
     checks = "; ".join(f"{c['row']} > {c['ref']} on {c['task']}" for c in spec.get("precondition") or [])
     lines += ["", f"Precondition ({checks}, each by > 2 SE): seeds {ok} of {seeds} pass.", ""]
-    verdict, _ = decide(data, ok, spec)
+    verdict, found = decide(data, ok, spec)
     rule = spec["rule"]
     need = rule.get("need", len(rule["compare"]))
     lines.append(f"Rule ({need} of {len(rule['compare'])} must appear, none reversed):")
-    for c in rule["compare"]:
-        task = c.get("task", rule.get("task"))
-        if verdict == "not testable":
-            lines.append(f"- {label(c['row'], c['ref'])} on {task}: not read")
-            continue
-        r = comparison(data, ok, c["row"], c["ref"], task)
-        lines.append(f"- {r['name']} on {task}: {100 * r['mean']:+.1f} "
+    for c in rule["compare"] if not found else []:
+        lines.append(f"- {label(c['row'], c['ref'])} on {c.get('task', rule.get('task'))}: not read")
+    for r in found:
+        lines.append(f"- {r['name']} on {r['task']}: {100 * r['mean']:+.1f} "
                      f"(SE {100 * r['se']:.1f}; {r['wins']} of {len(ok)} seeds beyond their 2 SE) -> {r['verdict']}")
-    lines += ["", VERDICTS.get(verdict, "**Not testable**: too few seeds pass the precondition.")]
+    lines += ["", VERDICTS.get(verdict, f"**Not testable**: {NOT_TESTABLE}.")]
     return "\n".join(lines)
 
 
